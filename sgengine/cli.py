@@ -1,0 +1,156 @@
+"""The `sgengine` command: export, index build/info, search, describe, demo, eval."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import SgengineError
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--backend", default="auto", help="auto, onnxruntime, torch or tensorrt (default: auto)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores of this process)")
+
+
+def _cmd_index_build(a) -> int:
+    from .engine import Engine
+    from .indexing import build_index
+    engine = Engine.load(a.bundle, device=a.device, backend=a.backend, threads=a.threads)
+    rep = build_index(engine, a.folder, a.output, dtype="float16" if a.float16 else "float32",
+                      commit_every=a.commit_every, progress=not a.quiet)
+    print(f"indexed {rep.added} new image(s), skipped {rep.skipped} already in {a.output}, "
+          f"{len(rep.failed)} unreadable, of {rep.total} found")
+    if rep.failed:
+        print("unreadable files (not indexed):")
+        for rel, why in rep.failed:
+            print(f"  {rel}: {why}")
+    return 0
+
+
+def _cmd_index_info(a) -> int:
+    from .index import Index
+    idx = Index.open(a.index)
+    info = {"path": str(idx.path), "count": len(idx), "dim": idx.dim, "dtype": idx.dtype,
+            "bundle_fingerprint": idx.bundle_fingerprint}
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _cmd_search(a) -> int:
+    from .engine import Engine
+    engine = Engine.load(a.bundle, index=a.index, device=a.device, backend=a.backend, threads=a.threads)
+    queries = a.queries
+    res = engine.search(queries if len(queries) > 1 else queries[0], k=a.k, rerank=not a.no_rerank,
+                        M=a.M, K=a.K, beta=a.beta)
+    if a.json:
+        ids = res.ids if len(queries) > 1 else [res.ids]
+        scores = res.scores.reshape(len(queries), -1)
+        out = {"queries": [{"query": q, "results": [{"id": i, "score": float(s)} for i, s in zip(ids[n], scores[n])]}
+                           for n, q in enumerate(queries)],
+               "timings_ms": {k_: round(v, 3) for k_, v in res.timings.items()}, "notes": res.notes}
+        print(json.dumps(out, indent=2))
+    else:
+        text = res.table().splitlines()
+        if len(queries) > 1:
+            text = [f"query {queries[int(l.split()[1])]}" if l.startswith("query ") else l for l in text]
+        else:
+            print(f"query {queries[0]}")
+        print("\n".join(text))
+        print("timings (ms): " + ", ".join(f"{k_} {v:.1f}" for k_, v in res.timings.items()))
+        for n in res.notes:
+            print(f"note: {n}")
+    return 0
+
+
+def _cmd_describe(a) -> int:
+    from .engine import Engine
+    engine = Engine.load(a.bundle, index=a.index, device=a.device, backend=a.backend, threads=a.threads)
+    print(json.dumps(engine.describe(), indent=2, default=str))
+    return 0
+
+
+def _cmd_demo(a) -> int:
+    from .demo import run_demo
+    return run_demo(workdir=Path(a.workdir), fresh=a.fresh, queries_to_show=a.show)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sgengine", description="SuperGlobal image retrieval engine")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("export", help="export a checkpoint (or the built-in default) to a bundle; "
+                   "same as python -m sgengine.export", add_help=False)
+
+    ix = sub.add_parser("index", help="build or inspect an index").add_subparsers(dest="index_command", required=True)
+    b = ix.add_parser("build", help="embed every image under a folder into an index (resumable)")
+    b.add_argument("bundle")
+    b.add_argument("folder")
+    b.add_argument("-o", "--output", required=True, help="index directory (created, or appended to)")
+    b.add_argument("--float16", action="store_true", help="store descriptors as float16 (half the disk and memory)")
+    b.add_argument("--commit-every", type=int, default=64, help="images per committed segment (default 64)")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_engine_args(b)
+    b.set_defaults(func=_cmd_index_build)
+    info = ix.add_parser("info", help="print an index's manifest summary")
+    info.add_argument("index")
+    info.set_defaults(func=_cmd_index_info)
+
+    s = sub.add_parser("search", help="search an index with one or more query images")
+    s.add_argument("bundle")
+    s.add_argument("index")
+    s.add_argument("queries", nargs="+", help="query image file(s)")
+    s.add_argument("-k", type=int, default=10, help="results per query (default 10)")
+    s.add_argument("--no-rerank", action="store_true", help="first-stage (global) ranking only")
+    s.add_argument("--M", type=int, default=None, help="candidates reranked (default: bundle's, 400)")
+    s.add_argument("--K", type=int, default=None, help="neighbours per refined descriptor (default 9)")
+    s.add_argument("--beta", type=float, default=None, help="neighbour weight (default 0.15)")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_engine_args(s)
+    s.set_defaults(func=_cmd_search)
+
+    d = sub.add_parser("describe", help="show what an engine would run (model, backend, kernels)")
+    d.add_argument("bundle")
+    d.add_argument("--index", default=None)
+    _add_engine_args(d)
+    d.set_defaults(func=_cmd_describe)
+
+    demo = sub.add_parser("demo", help="export the default model, index the bundled photos and search them")
+    demo.add_argument("--workdir", default="sgengine-demo", help="where the demo keeps its bundle, photos, index "
+                      "and report (default ./sgengine-demo; reused by later runs)")
+    demo.add_argument("--fresh", action="store_true", help="rebuild everything instead of reusing")
+    demo.add_argument("--show", type=int, default=4, help="queries whose top results are printed (default 4)")
+    demo.set_defaults(func=_cmd_demo)
+
+    sub.add_parser("eval", help="revisited Oxford/Paris evaluation (sgengine eval -h)", add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # export and eval own their argument parsing; hand the rest of the line over untouched.
+    if argv and argv[0] in ("export", "eval"):
+        try:
+            if argv[0] == "export":
+                from .export import main as export_main
+                return export_main(argv[1:])
+            from .eval.run import main as eval_main
+            return eval_main(argv[1:])
+        except SgengineError as e:
+            print(f"sgengine {argv[0]}: error: {e}", file=sys.stderr)
+            return 2
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SgengineError as e:
+        print(f"sgengine: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: committed work is kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

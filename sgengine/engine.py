@@ -1,0 +1,323 @@
+"""The runtime: one object that turns images into descriptors and queries into ranked ids.
+
+    engine = sgengine.Engine.load("bundle/", index="index/")
+    result = engine.search("query.jpg", k=10)
+    result.ids, result.scores, result.timings
+
+Everything heavy is decided and built once, in `Engine.load`: the bundle is verified, the
+backbone session is created, the whitening matrix is loaded, the head and rerank
+implementations are chosen; `describe()` shows those choices. A call then runs
+decode -> per scale (resize -> backbone -> pooling head -> L2 -> whitening) -> Scale-GeM ->
+first-stage search -> SuperGlobal rerank, and records the milliseconds of each stage.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .bundle import Bundle
+from .backends import load_backbone
+from .errors import InputError
+from .index import Index
+from .model.head import l2n, scale_gem_max
+from .preprocess import (DecodedImage, check_finite, describe_source, ensure_min_size, load_image,
+                         resize_for_scale, to_tensor)
+
+
+@dataclass
+class SearchResult:
+    """Ranked results. One query: 1-D `rows`/`scores` and a flat `ids` list; a batch: [nq, k] and a list per query.
+
+    `rows` are positions in the index, `ids` the external ids stored with them. `timings` holds
+    milliseconds per stage for the whole call; `notes` says what was adjusted (k clamped, image
+    upscaled...).
+    """
+
+    ids: list
+    rows: np.ndarray
+    scores: np.ndarray
+    timings: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def table(self) -> str:
+        ids = [self.ids] if self.rows.ndim == 1 else self.ids
+        rows = self.rows.reshape(len(ids), -1)
+        scores = self.scores.reshape(len(ids), -1)
+        out = []
+        for qi in range(len(ids)):
+            if len(ids) > 1:
+                out.append(f"query {qi}")
+            out.append(f"{'rank':>4}  {'score':>8}  {'row':>7}  id")
+            for r, (i, s, row) in enumerate(zip(ids[qi], scores[qi], rows[qi]), 1):
+                out.append(f"{r:>4}  {s:8.4f}  {row:7d}  {i}")
+        return "\n".join(out)
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = defaultdict(float)
+
+    def add(self, stage: str, t0: float) -> float:
+        now = time.perf_counter()
+        self.ms[stage] += (now - t0) * 1e3
+        return now
+
+
+def _is_descriptor_input(query: Any) -> bool:
+    if isinstance(query, torch.Tensor):
+        return query.is_floating_point()
+    return isinstance(query, np.ndarray) and np.issubdtype(query.dtype, np.floating)
+
+
+IMPLS = ("auto", "triton", "cpu", "reference")
+
+
+def _resolve_impl(impl: str, device: str) -> str:
+    """Fix a kernel choice at load time so describe() shows what really runs."""
+    if impl not in IMPLS:
+        raise InputError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    if device.startswith("cuda"):
+        try:
+            import triton  # noqa: F401
+            return "triton"
+        except ImportError:
+            return "reference"
+    return "cpu"
+
+
+class Engine:
+    """SuperGlobal retrieval over a bundle (and optionally an index). Build with `Engine.load`."""
+
+    def __init__(self, bundle: Bundle, backbone, index: Index | None, *, device: str,
+                 head_impl: str, rerank_impl: str, max_side: int | None) -> None:
+        self.bundle = bundle
+        self.backbone = backbone
+        self.index = index
+        self.device = torch.device(device)
+        self.head_impl = head_impl
+        self.rerank_impl = rerank_impl
+        self.max_side = max_side
+        self.scales = tuple(bundle.head_config.scales)
+        self.normalization = bundle.normalization
+        self.min_side = int(bundle.min_side)
+        wb = bundle.whitening()
+        self._whiten = None if wb is None else (wb[0].to(self.device, torch.float32), wb[1].to(self.device, torch.float32))
+        self.dim = int(bundle.dim)
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def load(cls, bundle: str | os.PathLike | Bundle, index: str | os.PathLike | Index | None = None,
+             device: str = "cpu", backend: str = "auto", *, head_impl: str = "auto", rerank_impl: str = "auto",
+             threads: int | None = None, max_side: int | None = None) -> "Engine":
+        """Verify the bundle, create the backbone session once, open the index (same bundle only).
+
+        device: "cpu" or "cuda"; backend: "auto", "onnxruntime", "torch" or "tensorrt" (see
+        sgengine.backends). head_impl / rerank_impl: "auto", "triton", "cpu" or "reference".
+        max_side: long-side cap for decoded images (default: the bundle's, 2048).
+        """
+        b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            from .errors import BackendUnavailableError
+            raise BackendUnavailableError(f"device={device!r} asked for, but torch sees no CUDA GPU on this machine")
+        bb = load_backbone(b, device=device, backend=backend, threads=threads)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        idx = None
+        if index is not None:
+            idx = index if isinstance(index, Index) else Index.open(index, bundle_fingerprint=b.fingerprint)
+            if idx.bundle_fingerprint != b.fingerprint:
+                from .errors import IndexMismatchError
+                raise IndexMismatchError(
+                    f"index {idx.path} was built by bundle {idx.bundle_fingerprint[:12]}, not by {b.path} "
+                    f"({b.fingerprint[:12]}): rebuild the index with this bundle")
+            if idx.dim != b.dim:
+                from .errors import IndexMismatchError
+                raise IndexMismatchError(f"index {idx.path} holds {idx.dim}-d descriptors; bundle {b.path} makes {b.dim}-d")
+        return cls(b, bb, idx, device=device, head_impl=_resolve_impl(head_impl, device),
+                   rerank_impl=_resolve_impl(rerank_impl, device),
+                   max_side=max_side if max_side is not None else b.max_side)
+
+    def describe(self) -> dict:
+        """What runs where: model, backend, providers, precision, kernels, index."""
+        m = self.bundle.manifest["model"]
+        return {
+            "model": m.get("name") or m.get("family"),
+            "family": m.get("family"),
+            "depth": m.get("depth"),
+            "dim": self.dim,
+            "bundle": str(self.bundle.path),
+            "bundle_fingerprint": self.bundle.fingerprint[:16],
+            "device": str(self.device),
+            "backend": self.backbone.describe(),
+            "head_impl": self.head_impl,
+            "rerank_impl": self.rerank_impl,
+            "precision": getattr(self.backbone, "precision", "fp32"),
+            "scales": list(self.scales),
+            "max_side": self.max_side,
+            "index": None if self.index is None else {
+                "path": str(self.index.path), "count": len(self.index), "dtype": self.index.dtype},
+        }
+
+    # ---------------------------------------------------------------- embedding
+    def decode(self, source: Any, *, name: str | None = None, color_order: str = "RGB") -> DecodedImage:
+        """Decode one input to BGR uint8 (SPEC 1), capped at max_side. Raises ImageDecodeError/InputError naming it."""
+        return load_image(source, name=name, color_order=color_order, max_side=self.max_side)
+
+    def _pool_head(self, fmap: torch.Tensor) -> torch.Tensor:
+        from .ops import gem_pool
+        g = l2n(gem_pool(fmap, impl=self.head_impl))
+        if self._whiten is not None:
+            w, b = self._whiten
+            g = torch.addmm(b, g, w.t())
+        return g
+
+    @torch.inference_mode()
+    def _embed_tensor(self, x: torch.Tensor, timer: _Timer) -> torch.Tensor:
+        """Normalized batch [B,3,H,W] (same size) -> descriptors [B, D] on the engine's device."""
+        per_scale = []
+        for s in self.scales:
+            t0 = time.perf_counter()
+            xs = resize_for_scale(x, s)
+            fmap = self.backbone(xs)
+            t0 = timer.add(f"backbone@{s:g}", t0)
+            per_scale.append(self._pool_head(fmap))
+            timer.add("head", t0)
+        t0 = time.perf_counter()
+        d = scale_gem_max(per_scale)
+        timer.add("head", t0)
+        return d
+
+    def embed_decoded(self, images: Sequence[DecodedImage], *, batch_size: int = 8,
+                      timer: _Timer | None = None) -> tuple[np.ndarray, list[list[str]]]:
+        """Decoded images -> (float32 [n, D] unit rows, notes per image). Equal sizes are batched together."""
+        timer = timer or _Timer()
+        out = torch.empty((len(images), self.dim), dtype=torch.float32)
+        notes: list[list[str]] = [list(im.notes) for im in images]
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        tensors: dict[int, torch.Tensor] = {}
+        for i, im in enumerate(images):
+            t0 = time.perf_counter()
+            x = to_tensor(im.bgr, self.normalization)
+            x, note = ensure_min_size(x, self.min_side)
+            if note:
+                notes[i].append(note)
+            tensors[i] = x
+            groups[tuple(x.shape[-2:])].append(i)
+            timer.add("preprocess", t0)
+        for members in groups.values():
+            for start in range(0, len(members), batch_size):
+                chunk = members[start:start + batch_size]
+                x = torch.cat([tensors[i] for i in chunk]).to(self.device)
+                d = self._embed_tensor(x, timer)
+                out[chunk] = d.float().cpu()
+        check_finite(out, "descriptors")
+        return out.numpy(), notes
+
+    def embed(self, inputs: Any, *, color_order: str = "RGB", batch_size: int = 8, progress: bool = False) -> np.ndarray:
+        """Images -> float32 [n, D] unit rows (one input gives [1, D]).
+
+        Inputs: file paths, encoded bytes, PIL images, or numpy uint8/uint16 arrays (HW or HWC), alone or
+        in a list. Numpy arrays are read as RGB unless color_order="BGR". Bad inputs raise an error that
+        names them (list position included).
+        """
+        items = self._as_list(inputs)
+        out = []
+        it: Iterable = range(0, len(items), 64)
+        if progress:
+            from tqdm import tqdm
+            it = tqdm(it, total=(len(items) + 63) // 64, desc="embed", unit="batch")
+        for start in it:
+            chunk = items[start:start + 64]
+            decoded = [self.decode(src, name=describe_source(src, start + j) if len(items) > 1 else None,
+                                   color_order=color_order) for j, src in enumerate(chunk)]
+            out.append(self.embed_decoded(decoded, batch_size=batch_size)[0])
+        return np.concatenate(out) if out else np.empty((0, self.dim), np.float32)
+
+    @staticmethod
+    def _as_list(inputs: Any) -> list:
+        if isinstance(inputs, (list, tuple)):
+            return list(inputs)
+        return [inputs]
+
+    # ---------------------------------------------------------------- search
+    def search(self, query: Any, k: int = 100, *, rerank: bool = True, M: int | None = None, K: int | None = None,
+               beta: float | None = None, color_order: str = "RGB") -> SearchResult:
+        """Rank the index for one query or a batch.
+
+        query: an image (path, bytes, PIL, uint8 array), a list of images, or precomputed descriptors
+        (a floating numpy array / tensor, [D] for one query or [n, D] for a batch). rerank=True applies
+        SuperGlobal reranking to the first-stage top M (defaults from the bundle: M=400, K=9, beta=0.15).
+        k > len(index) is clamped to len(index) (noted in result.notes); k <= 0 is an error.
+        """
+        if self.index is None:
+            raise InputError("this engine has no index: Engine.load(bundle, index='index/')")
+        n = len(self.index)
+        if n == 0:
+            raise InputError(f"index {self.index.path} is empty: add images first (sgengine index build)")
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k <= 0:
+            raise InputError(f"k must be a positive integer, got {k!r}")
+        d = self.bundle.rerank_defaults
+        M = int(d["M"] if M is None else M)
+        K = int(d["K"] if K is None else K)
+        beta = float(d["beta"] if beta is None else beta)
+        if M <= 0 or K < 0:
+            raise InputError(f"rerank needs M >= 1 and K >= 0 (got M={M}, K={K})")
+        timer = _Timer()
+        notes: list[str] = []
+        t_start = time.perf_counter()
+        single = True
+        if _is_descriptor_input(query):
+            q = torch.as_tensor(query).detach().to("cpu", torch.float32)
+            single = q.ndim == 1
+            q = q.reshape(1, -1) if single else q
+            if q.ndim != 2 or q.shape[1] != self.dim:
+                raise InputError(f"query descriptors must be [D] or [n, D] with D={self.dim}, got shape {list(torch.as_tensor(query).shape)}")
+            check_finite(q, "query descriptors")
+        else:
+            single = not isinstance(query, (list, tuple))
+            items = self._as_list(query)
+            t0 = time.perf_counter()
+            decoded = [self.decode(src, name=describe_source(src, j) if not single else None, color_order=color_order)
+                       for j, src in enumerate(items)]
+            timer.add("decode", t0)
+            qn, per_notes = self.embed_decoded(decoded, timer=timer)
+            notes += [n_ for ns in per_notes for n_ in ns]
+            q = torch.from_numpy(qn)
+        if k > n:
+            notes.append(f"k={k} clamped to the index size {n}")
+            k = n
+        m_eff = min(M, n) if rerank else 0
+        t0 = time.perf_counter()
+        scores, rows = self.index.search(q.numpy(), max(k, m_eff))
+        timer.add("search", t0)
+        if rerank and len(q):
+            from .rerank import rerank_candidates
+            t0 = time.perf_counter()
+            top = rows[:, :m_eff]
+            Y = torch.from_numpy(self.index.gather(top)).to(self.device)
+            timer.add("gather", t0)
+            t0 = time.perf_counter()
+            order, f = rerank_candidates(q.to(self.device), Y, K=K, beta=beta, impl=self.rerank_impl)
+            order, f = order.cpu().numpy(), f.cpu().numpy()
+            rows = np.concatenate([np.take_along_axis(top, order, axis=1), rows[:, m_eff:]], axis=1)
+            scores = np.concatenate([f, scores[:, m_eff:]], axis=1)
+            timer.add("rerank", t0)
+        rows, scores = rows[:, :k], scores[:, :k].astype(np.float32)
+        all_ids = self.index.ids
+        ids = [[all_ids[r] for r in row] for row in rows]
+        timer.ms["total"] = (time.perf_counter() - t_start) * 1e3
+        if single:
+            return SearchResult(ids[0], rows[0], scores[0], dict(timer.ms), notes)
+        return SearchResult(ids, rows, scores, dict(timer.ms), notes)

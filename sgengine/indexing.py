@@ -1,0 +1,82 @@
+"""Embedding a folder of images into an index: resumable, append-only, tolerant of bad files."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError, SgengineError
+from .index import Index
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".jfif"}
+
+
+@dataclass
+class BuildReport:
+    added: int = 0
+    skipped: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (id, reason)
+    total: int = 0
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files under folder (recursive, sorted, by suffix; hidden folders skipped)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise InputError(f"{root}: not a directory")
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in sorted(filenames):
+            if Path(f).suffix.lower() in IMAGE_SUFFIXES and not f.startswith("."):
+                out.append(Path(dirpath) / f)
+    return out
+
+
+def build_index(engine, folder: str | os.PathLike, index_path: str | os.PathLike, *, dtype: str = "float32",
+                commit_every: int = 64, batch_size: int = 8, progress: bool = True) -> BuildReport:
+    """Embed every image under `folder` into the index at `index_path` (created if missing).
+
+    Ids are paths relative to `folder` (POSIX separators). Files already in the index are skipped,
+    so an interrupted build resumes where its last commit left off; every `commit_every` images are
+    committed as one segment. Unreadable files are collected in the report, never fatal.
+    """
+    root = Path(folder)
+    files = list_images(root)
+    path = Path(index_path)
+    if (path / "manifest.json").exists():
+        index = Index.open(path, bundle_fingerprint=engine.bundle.fingerprint)
+    else:
+        index = Index.create(path, dim=engine.dim, bundle_fingerprint=engine.bundle.fingerprint, dtype=dtype)
+    report = BuildReport(total=len(files))
+    todo = []
+    for f in files:
+        rel = f.relative_to(root).as_posix()
+        if rel in index:
+            report.skipped += 1
+        else:
+            todo.append((rel, f))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(todo), desc="indexing", unit="img")
+    for start in range(0, len(todo), commit_every):
+        chunk = todo[start:start + commit_every]
+        decoded, ids = [], []
+        for rel, f in chunk:
+            try:
+                decoded.append(engine.decode(f, name=str(f)))
+                ids.append(rel)
+            except SgengineError as e:
+                report.failed.append((rel, str(e)))
+        if decoded:
+            desc, _ = engine.embed_decoded(decoded, batch_size=batch_size)
+            index.add(desc, ids)
+            report.added += len(ids)
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    return report
