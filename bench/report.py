@@ -1,0 +1,83 @@
+"""Run the benchmark suites and print one table: shape, implementation, median, ratio, throughput, machine.
+
+    python bench/report.py                 # all suites in bench/
+    python bench/report.py bench/bench_head.py -k "cpu or chain"
+    python bench/report.py --json out.json # keep pytest-benchmark's raw JSON too
+
+Every ratio is against the "chain" implementation of the same group (the module-by-module
+reference as the official code runs it), measured in the same run; "floor" columns compare with
+the group's floor implementation (gram_matmul / gram_bmm for the rerank, copy for the head).
+Absolute times hold only for the machine printed at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+FLOORS = ("gram_matmul", "gram_bmm", "copy")
+
+
+def render(data: dict) -> str:
+    rows = []
+    groups: dict[str, list[dict]] = {}
+    for b in data["benchmarks"]:
+        groups.setdefault(b.get("group") or b["name"], []).append(b)
+    header = f"{'op':<7} {'shape':<34} {'impl':<12} {'median':>11} {'vs chain':>9} {'vs floor':>9} {'throughput':>14}"
+    rows.append(header)
+    rows.append("-" * len(header))
+    for group, items in groups.items():
+        by_impl = {b["extra_info"].get("impl", b["name"]): b for b in items}
+        chain = by_impl.get("chain")
+        floor = next((by_impl[f] for f in FLOORS if f in by_impl), None)
+        for impl, b in by_impl.items():
+            ex = b["extra_info"]
+            med = b["stats"]["median"] / ex.get("scale", 1)  # scale: chain runs on a subset of queries
+            cmed = chain["stats"]["median"] / chain["extra_info"].get("scale", 1) if chain else None
+            fmed = floor["stats"]["median"] / floor["extra_info"].get("scale", 1) if floor else None
+            vs_chain = f"{cmed / med:8.1f}x" if cmed else "-"
+            vs_floor = f"{med / fmed:8.2f}x" if fmed and floor is not b else "-"
+            thr = "-"
+            if "bytes" in ex:
+                thr = f"{ex['bytes'] / med / 1e9:9.1f} GB/s"
+            elif "flops" in ex:
+                thr = f"{ex['flops'] / med / 1e9:7.1f} GFLOP/s"
+            rows.append(f"{ex.get('op', '?'):<7} {ex.get('shape', group):<34} {impl:<12} "
+                        f"{med * 1e3:9.3f}ms {vs_chain:>9} {vs_floor:>9} {thr:>14}")
+        rows.append("")
+    mi = data.get("machine_info", {})
+    rows.append("vs chain: how many times faster than the module-by-module reference chain; "
+                "vs floor: time / the floor's time (copy for the head, one Gram product for the rerank)")
+    rows.append(f"machine: {mi.get('sgengine_machine', mi.get('cpu', {}).get('brand_raw', '?'))}")
+    rows.append(f"date: {data.get('datetime', '?')}")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", help="also keep the raw pytest-benchmark JSON here")
+    p.add_argument("--from-json", help="render an existing JSON file instead of running")
+    args, rest = p.parse_known_args(argv)
+    if args.from_json:
+        print(render(json.loads(Path(args.from_json).read_text())))
+        return 0
+    out = args.json or os.path.join(tempfile.mkdtemp(), "bench.json")
+    targets = [a for a in rest if not a.startswith("-")] or [str(Path(__file__).parent)]
+    opts = [a for a in rest if a.startswith("-") or a not in targets]
+    cmd = [sys.executable, "-m", "pytest", *targets, "--benchmark-only", f"--benchmark-json={out}",
+           "-q", "-p", "no:cacheprovider", *opts]
+    rc = subprocess.call(cmd, cwd=Path(__file__).resolve().parent.parent)
+    if not Path(out).exists():
+        print("no benchmark results were written", file=sys.stderr)
+        return rc or 1
+    print()
+    print(render(json.loads(Path(out).read_text())))
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
