@@ -1,0 +1,409 @@
+"""`sgengine eval`: reproduce the revisited Oxford/Paris tables with a bundle (or saved descriptors).
+
+    sgengine eval roxford5k --data DATA --bundle BUNDLE            global-only and reranked rows
+    sgengine eval rparis6k --data DATA --bundle BUNDLE --plus1m FEATURES
+    sgengine eval roxford5k --data DATA --features feats.npz       no model: saved descriptors
+
+Descriptors are cached per image under --cache, keyed by the bundle fingerprint, the dataset and
+the image (queries also by their box), in small parts written atomically: an interrupted run
+resumes where it stopped, and a second run with the same bundle extracts nothing.
+The ranking evaluated is the full first-stage order over the database (mAP needs every
+positive's position, not only the top M); the reranked run replaces its top M' by the
+SuperGlobal order and keeps the first-stage order below (SPEC 6.8).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..errors import InputError, SgengineError
+from .datasets import DatasetError, RevisitedDataset, load_descriptors, load_distractors, load_revisited
+from .metrics import PROTOCOLS, compute_map_protocols
+
+__all__ = ["main", "build_parser", "DescriptorCache", "extract_descriptors", "full_ranking", "rerank_ranking",
+           "evaluate", "format_table"]
+
+SPEC_RERANK_DEFAULTS = {"M": 400, "K": 9, "beta": 0.15}
+KAPPAS = (1, 5, 10)
+_CVNET_HINT = ("a bundle is exported from CVNet weights (published in the CVNet authors' repository, "
+               "https://github.com/sungonce/CVNet) with `sgengine export CHECKPOINT -o BUNDLE`")
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("SGENGINE_CACHE")
+    if env:
+        return Path(env).expanduser() / "eval"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sgengine" / "eval"
+
+
+# ----------------------------------------------------------------------------- descriptor cache
+class DescriptorCache:
+    """Per-image descriptors under ROOT/<bundle fingerprint>/<dataset>/<variant>/part-*.npz.
+
+    Each part holds `keys` and `desc` for a few images and is written to a temporary name, then
+    renamed: a crash leaves either a whole part or none, so everything committed is reused.
+    `variant` carries the engine settings that change descriptors beyond the bundle (precision,
+    size cap).
+    """
+
+    def __init__(self, root: str | os.PathLike, fingerprint: str, dataset: str, variant: str = "fp32") -> None:
+        self.dir = Path(root).expanduser() / fingerprint / dataset / variant
+        self._seq = 0
+
+    def load(self, dim: int | None = None) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        if not self.dir.is_dir():
+            return out
+        for part in sorted(self.dir.glob("part-*.npz")):
+            try:
+                with np.load(part, allow_pickle=False) as z:
+                    keys, desc = [str(k) for k in z["keys"]], np.asarray(z["desc"], np.float32)
+            except Exception as e:  # an unreadable part is re-extracted, not fatal
+                print(f"cache: ignoring unreadable {part} ({type(e).__name__}: {e})", file=sys.stderr)
+                continue
+            if desc.ndim != 2 or len(keys) != desc.shape[0] or (dim is not None and desc.shape[1] != dim):
+                print(f"cache: ignoring {part}: shape {desc.shape} does not match", file=sys.stderr)
+                continue
+            out.update(zip(keys, desc))
+        return out
+
+    def write(self, keys: Sequence[str], desc: np.ndarray) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._seq += 1
+        final = self.dir / f"part-{time.time_ns():020d}-{os.getpid()}-{self._seq:05d}.npz"
+        tmp = final.with_name(final.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, keys=np.asarray(list(keys), dtype=str), desc=np.asarray(desc, np.float32))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        return final
+
+
+def _query_key(ds: RevisitedDataset, i: int) -> str:
+    # The box is part of the key: a corrected ground-truth box must not reuse an old crop's descriptor.
+    return f"query/{ds.qimlist[i]}@" + ",".join(f"{v:g}" for v in ds.query_box(i))
+
+
+def extract_descriptors(engine, ds: RevisitedDataset, *, cache: DescriptorCache | None, batch_size: int = 8,
+                        part_size: int = 32, progress: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(queries [nq, D], database [N, D], stats) with the engine; cached images are not recomputed."""
+    dim = int(engine.dim)
+    have = cache.load(dim) if cache is not None else {}
+    stats = {"extracted": 0, "cached": 0, "seconds": 0.0}
+
+    def run(split: str, keys: list[str], make_input: Callable[[int], object], color_order: str) -> np.ndarray:
+        todo = [i for i, k in enumerate(keys) if k not in have]
+        stats["cached"] += len(keys) - len(todo)
+        bar = None
+        if progress and todo:
+            from tqdm import tqdm
+            bar = tqdm(total=len(keys), initial=len(keys) - len(todo), desc=f"{ds.name} {split}", unit="img",
+                       file=sys.stderr, dynamic_ncols=True)
+        t0 = time.perf_counter()
+        try:
+            for s in range(0, len(todo), part_size):
+                chunk = todo[s:s + part_size]
+                d = engine.embed([make_input(i) for i in chunk], color_order=color_order, batch_size=batch_size)
+                d = np.asarray(d, np.float32).reshape(len(chunk), dim)
+                if cache is not None:
+                    cache.write([keys[i] for i in chunk], d)
+                have.update(zip((keys[i] for i in chunk), d))
+                if bar is not None:
+                    bar.update(len(chunk))
+        finally:
+            if bar is not None:
+                bar.close()
+        stats["seconds"] += time.perf_counter() - t0
+        stats["extracted"] += len(todo)
+        return np.stack([have[k] for k in keys]) if keys else np.empty((0, dim), np.float32)
+
+    qkeys = [_query_key(ds, i) for i in range(len(ds.qimlist))]
+    # Crops are BGR arrays (SPEC 1.1-1.2 decode then crop); database images go in as paths.
+    Q = run("queries", qkeys, ds.load_query, "BGR")
+    dpaths = ds.db_paths()
+    X = run("database", [f"db/{n}" for n in ds.imlist], lambda i: dpaths[i], "RGB")
+    return Q, X, stats
+
+
+# ----------------------------------------------------------------------------- search and rerank
+def full_ranking(Q: np.ndarray, X: np.ndarray, *, device: str = "cpu", chunk_rows: int = 1 << 16) -> np.ndarray:
+    """First stage (SPEC 5) as the full order: ranks [N, nq] of database rows by descending Q X^T.
+
+    X may be a float16/float32 memmap (the +1M case): it is read chunk by chunk and upcast, so
+    only the [N, nq] score matrix is held. Ties keep the lower row first (stable sort).
+    """
+    import torch
+    n = X.shape[0]
+    q = torch.from_numpy(np.ascontiguousarray(Q, np.float32)).to(device)
+    S = torch.empty((n, q.shape[0]), dtype=torch.float32, device=device)
+    with torch.no_grad():
+        for s in range(0, n, chunk_rows):
+            xc = torch.from_numpy(np.ascontiguousarray(X[s:s + chunk_rows], np.float32)).to(device)
+            S[s:s + xc.shape[0]] = xc @ q.T
+        ranks = torch.argsort(S, dim=0, descending=True, stable=True)
+    del S
+    dtype = np.int32 if n < 2**31 else np.int64
+    return ranks.cpu().numpy().astype(dtype, copy=False)
+
+
+def _resolve_rerank_impl(impl: str, device: str) -> str:
+    if impl != "auto":
+        return impl
+    if device.startswith("cuda"):
+        try:
+            import triton  # noqa: F401
+            return "triton"
+        except ImportError:
+            return "reference"
+    return "cpu"
+
+
+def rerank_ranking(Q: np.ndarray, X: np.ndarray, ranks: np.ndarray, *, M: int, K: int, beta: float,
+                   device: str = "cpu", impl: str = "auto", query_chunk: int = 8) -> np.ndarray:
+    """SuperGlobal rerank (SPEC 6) of each column's top M' = min(M, N); rows below M' keep their order."""
+    import torch
+    from ..rerank import rerank_candidates
+    n, nq = ranks.shape
+    m = min(int(M), n)
+    impl = _resolve_rerank_impl(impl, device)
+    out = ranks.copy()
+    top = np.ascontiguousarray(ranks[:m].T)  # [nq, M'] in first-stage order, as SPEC 6.1 wants
+    for s in range(0, nq, query_chunk):
+        t = top[s:s + query_chunk]
+        # Gather only the candidates: [c, M', D]; X may be a memmap, np.take reads just these rows.
+        Y = np.take(X, t.reshape(-1), axis=0).astype(np.float32, copy=False).reshape(t.shape + (X.shape[1],))
+        q = torch.from_numpy(np.ascontiguousarray(Q[s:s + query_chunk], np.float32)).to(device)
+        order, _ = rerank_candidates(q, torch.from_numpy(Y).to(device), K=int(K), beta=float(beta), impl=impl)
+        order = np.asarray(torch.as_tensor(order).cpu().numpy(), dtype=np.int64)
+        out[:m, s:s + query_chunk] = np.take_along_axis(t, order, axis=1).T
+    return out
+
+
+# ----------------------------------------------------------------------------- evaluation and table
+def evaluate(Q: np.ndarray, X: np.ndarray, gnd: Sequence[dict], *, rerank: bool = True, M: int = 400, K: int = 9,
+             beta: float = 0.15, device: str = "cpu", impl: str = "auto", label: str = "SuperGlobal") -> dict:
+    """Rows {label: protocol results} and timings {stage: seconds}."""
+    rows: dict[str, dict] = {}
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    ranks = full_ranking(Q, X, device=device)
+    timings["search"] = time.perf_counter() - t0
+    rows[f"{label}, no reranking"] = compute_map_protocols(ranks, gnd, KAPPAS)
+    if rerank:
+        t0 = time.perf_counter()
+        rranks = rerank_ranking(Q, X, ranks, M=M, K=K, beta=beta, device=device, impl=impl)
+        timings["rerank"] = time.perf_counter() - t0
+        rows[f"{label} + reranking"] = compute_map_protocols(rranks, gnd, KAPPAS)
+    return {"rows": rows, "timings": timings}
+
+
+def _fmt(v: float) -> str:
+    return f"{v * 100:6.2f}" if np.isfinite(v) else f"{'n/a':>6}"
+
+
+def format_table(title: str, rows: dict[str, dict], kappas: Sequence[int] = KAPPAS) -> str:
+    """Paper-style table: mAP E/M/H, then mP@k E/M/H for each k; values x100 with two decimals."""
+    groups = ["mAP"] + [f"mP@{k}" for k in kappas]
+    w = max([len("method")] + [len(r) for r in rows]) + 2
+    gw = 3 * 7  # three columns of width 7 per group
+    head1 = " " * w + "".join(f"|{g:^{gw}}" for g in groups)
+    head2 = f"{'method':<{w}}" + "".join("|" + "".join(f"{p[0].upper():>7}" for p in PROTOCOLS) for _ in groups)
+    lines = [title, head1, head2, "-" * len(head2)]
+    for label, res in rows.items():
+        cells = ["".join(f" {_fmt(res[p]['map'])}" for p in PROTOCOLS)]
+        for t in range(len(kappas)):
+            cells.append("".join(f" {_fmt(res[p]['mpk'][t])}" for p in PROTOCOLS))
+        lines.append(f"{label:<{w}}" + "".join("|" + c for c in cells))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the command
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sgengine eval",
+        description="Revisited Oxford/Paris evaluation (mAP and mP@1,5,10, Easy/Medium/Hard; SPEC 7) of "
+                    "SuperGlobal global retrieval and reranking.")
+    p.add_argument("dataset", help="roxford5k or rparis6k (any name with DATA/<name>/gnd_<name>.pkl works)")
+    p.add_argument("--data", required=True, help="folder holding <dataset>/gnd_<dataset>.pkl and <dataset>/jpg/ "
+                   "(or the dataset folder itself); from http://cmp.felk.cvut.cz/revisitop/")
+    p.add_argument("--bundle", help="bundle directory (sgengine export); not needed with --features")
+    p.add_argument("--features", help="evaluate saved descriptors (.npz with 'queries' and 'database', as written by "
+                   "--save-features) instead of running a model")
+    p.add_argument("--save-features", help="write the descriptors used to this .npz")
+    p.add_argument("--plus1m", metavar="FEATURES", help="revisitop 1M distractor descriptors from the same model "
+                   "(.npy [N, D], .npz, torch tensor file, or an sgengine index directory)")
+    p.add_argument("--plus1m-list", metavar="FILE", help="revisitop1m.txt (one name per line) to check the count")
+    p.add_argument("--no-rerank", action="store_true", help="global retrieval only")
+    p.add_argument("--M", type=int, default=None, help="candidates reranked (default: bundle's, else 400)")
+    p.add_argument("--K", type=int, default=None, help="neighbours per refined descriptor (default 9)")
+    p.add_argument("--beta", type=float, default=None, help="neighbour weight (default 0.15)")
+    p.add_argument("--cache", default=None, help=f"descriptor cache folder (default {default_cache_dir()}; "
+                   "env SGENGINE_CACHE)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the descriptor cache")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--backend", default="auto", help="auto, onnxruntime, torch or tensorrt (default auto)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads")
+    p.add_argument("--batch-size", type=int, default=8, help="images per backbone batch (same-size images only)")
+    p.add_argument("--rerank-impl", default="auto", help="auto, cpu, triton or reference (default auto)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _load_feature_file(path: str, ds: RevisitedDataset) -> tuple[np.ndarray, np.ndarray, dict]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DatasetError(f"--features {p} not found: write one with `sgengine eval {ds.name} --data ... --bundle ... "
+                           f"--save-features {p}`")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            if "queries" not in z or "database" not in z:
+                raise DatasetError(f"--features {p} holds {list(z.keys())}; expected 'queries' and 'database'")
+            Q, X = np.asarray(z["queries"], np.float32), np.asarray(z["database"], np.float32)
+            meta = {k: str(z[k]) for k in ("dataset", "bundle_fingerprint", "bundle_name") if k in z}
+    except DatasetError:
+        raise
+    except Exception as e:
+        raise DatasetError(f"--features {p}: not a readable .npz ({type(e).__name__}: {e})") from e
+    if meta.get("dataset") and meta["dataset"] != ds.name:
+        raise InputError(f"--features {p} was saved for {meta['dataset']}, not {ds.name}")
+    if Q.ndim != 2 or X.ndim != 2 or Q.shape[1] != X.shape[1]:
+        raise InputError(f"--features {p}: queries {list(Q.shape)} and database {list(X.shape)} must be [n, D] "
+                         "with the same D")
+    if Q.shape[0] != len(ds.qimlist) or X.shape[0] != len(ds.imlist):
+        raise InputError(f"--features {p} has {Q.shape[0]} queries and {X.shape[0]} database rows; {ds.name} "
+                         f"has {len(ds.qimlist)} and {len(ds.imlist)}")
+    for what, a in (("queries", Q), ("database", X)):
+        if not np.isfinite(a).all():
+            raise InputError(f"--features {p}: '{what}' contains NaN or Inf")
+    return Q, X, meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `sgengine eval`; returns 0. Errors about inputs raise SgengineError (the CLI prints them)."""
+    a = build_parser().parse_args(argv)
+    ds = load_revisited(a.dataset, a.data)
+    bundle = None
+    info = {}
+    if a.features:
+        Q, X, meta = _load_feature_file(a.features, ds)
+        info["source"] = f"descriptors from {a.features}"
+        stats = None
+        if a.bundle:
+            from ..bundle import Bundle
+            bundle = Bundle.load(a.bundle)
+            if meta.get("bundle_fingerprint") and meta["bundle_fingerprint"] != bundle.fingerprint:
+                raise InputError(f"--features {a.features} was made by bundle {meta['bundle_fingerprint'][:12]}, "
+                                 f"not {a.bundle} ({bundle.fingerprint[:12]})")
+        fingerprint = meta.get("bundle_fingerprint", "")
+        bundle_name = meta.get("bundle_name", "")
+    else:
+        if not a.bundle:
+            raise InputError(f"--bundle BUNDLE is required unless --features FILE is given; {_CVNET_HINT}")
+        ds.check_images()
+        from ..engine import Engine
+        engine = Engine.load(a.bundle, device=a.device, backend=a.backend, threads=a.threads)
+        bundle = engine.bundle
+        desc = engine.describe()
+        variant = f"{desc.get('precision', 'fp32')}_max{desc.get('max_side')}"
+        cache = None if a.no_cache else DescriptorCache(a.cache or default_cache_dir(), bundle.fingerprint,
+                                                         ds.name, variant)
+        Q, X, stats = extract_descriptors(engine, ds, cache=cache, batch_size=a.batch_size, progress=not a.quiet)
+        backend = desc.get("backend") or {}
+        info["source"] = (f"{desc.get('model')} via {backend.get('name', '?')} on {desc.get('device')}"
+                          if isinstance(backend, dict) else f"{desc.get('model')} via {backend}")
+        fingerprint, bundle_name = bundle.fingerprint, str(desc.get("model") or "")
+    if a.save_features:
+        sp = Path(a.save_features).expanduser()
+        sp.parent.mkdir(parents=True, exist_ok=True)
+        with open(sp, "wb") as f:
+            np.savez(f, queries=Q, database=X, dataset=np.asarray(ds.name), bundle_fingerprint=np.asarray(fingerprint),
+                     bundle_name=np.asarray(bundle_name), imlist=np.asarray(ds.imlist, dtype=str),
+                     qimlist=np.asarray(ds.qimlist, dtype=str))
+
+    defaults = dict(SPEC_RERANK_DEFAULTS)
+    if bundle is not None:
+        defaults.update(bundle.rerank_defaults)
+    M = int(defaults["M"] if a.M is None else a.M)
+    K = int(defaults["K"] if a.K is None else a.K)
+    beta = float(defaults["beta"] if a.beta is None else a.beta)
+    if M < 1 or K < 0 or not np.isfinite(beta):
+        raise InputError(f"rerank needs M >= 1, K >= 0 and a finite beta (got M={M}, K={K}, beta={beta})")
+
+    n_db = X.shape[0]
+    label = "SuperGlobal"
+    if a.plus1m:
+        t0 = time.perf_counter()
+        D1m, _ = load_distractors(a.plus1m, dim=Q.shape[1], image_list=a.plus1m_list)
+        # SPEC 7 +1M: distractors are appended after the dataset's images, so the ground-truth
+        # indices stay valid.
+        X = np.concatenate([X, np.asarray(D1m, np.float32)], axis=0)
+        info["plus1m"] = f"+{D1m.shape[0]} distractors from {a.plus1m} (loaded in {time.perf_counter() - t0:.1f} s)"
+        label = "SuperGlobal +1M"
+
+    res = evaluate(Q, X, ds.gnd, rerank=not a.no_rerank, M=M, K=K, beta=beta, device=a.device, impl=a.rerank_impl,
+                   label=label)
+    nq = Q.shape[0]
+    title = (f"{ds.name}: {nq} queries, {n_db} database images"
+             + (f" + {X.shape[0] - n_db} distractors" if X.shape[0] > n_db else "")
+             + f" | {info['source']}" + (f" | bundle {fingerprint[:12]}" if fingerprint else ""))
+    print(format_table(title, res["rows"]))
+    if not a.no_rerank:
+        print(f"rerank: M={M} K={K} beta={beta:g} (M'={min(M, X.shape[0])})")
+    t = res["timings"]
+    parts = []
+    if stats is not None:
+        n_all = nq + n_db
+        rate = f", {stats['extracted'] / stats['seconds']:.2f} img/s" if stats["extracted"] and stats["seconds"] else ""
+        parts.append(f"extract {stats['seconds']:.1f} s ({stats['extracted']} extracted, {stats['cached']} of "
+                     f"{n_all} from cache{rate})")
+    parts.append(f"search {t['search'] * 1e3 / max(nq, 1):.2f} ms/query")
+    if "rerank" in t:
+        parts.append(f"rerank {t['rerank'] * 1e3 / max(nq, 1):.2f} ms/query "
+                     f"({_resolve_rerank_impl(a.rerank_impl, a.device)}, {a.device})")
+    print("timings: " + " | ".join(parts))
+    if "plus1m" in info:
+        print(info["plus1m"])
+    if a.json:
+        out = {"dataset": ds.name, "queries": nq, "database": n_db, "distractors": int(X.shape[0] - n_db),
+               "bundle_fingerprint": fingerprint, "rerank": None if a.no_rerank else {"M": M, "K": K, "beta": beta},
+               "rows": {lab: {p: {"mAP": r[p]["map"] * 100, **{f"mP@{k}": float(r[p]["mpk"][i]) * 100
+                                                               for i, k in enumerate(KAPPAS)}}
+                              for p in PROTOCOLS} for lab, r in res["rows"].items()},
+               "timings_s": {**t, **({"extract": stats["seconds"]} if stats else {})}}
+        jp = Path(a.json).expanduser()
+        jp.parent.mkdir(parents=True, exist_ok=True)
+        jp.write_text(json.dumps(_json_safe(out), indent=2, allow_nan=False))
+    return 0
+
+
+def _json_safe(v):
+    """NaN (a protocol with no positives) -> null: strict JSON readers reject NaN."""
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    if isinstance(v, (float, np.floating)):
+        return float(v) if np.isfinite(v) else None
+    return v
+
+
+def _cli() -> int:
+    try:
+        return main()
+    except SgengineError as e:
+        print(f"sgengine eval: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(_cli())
