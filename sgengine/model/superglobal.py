@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..preprocess import resize_for_scale
+from ..preprocess import Normalization, resize_for_scale
 from .head import HeadConfig, SuperGlobalHead, scale_gem_max
 
 
@@ -12,11 +12,14 @@ class SuperGlobalModel(nn.Module):
     """Normalized image batch [B, 3, H, W] -> unit descriptors [B, D].
 
     `trunk` maps images to a non-negative [B, C, h, w] map (the pycls ResNet, EfficientNet-Lite0,
-    or any module the user brings); `head` pools it per scale.
+    or any module the user brings); `head` pools it per scale. `normalization` says how a decoded
+    BGR image becomes this model's input (it travels into the bundle); `name` is for people
+    (bundle manifests, `describe()`).
     """
 
     def __init__(self, trunk: nn.Module, head: SuperGlobalHead, *, stride: int, channels: int,
-                 family: str, depth: int | None = None, relu_plus: bool = True) -> None:
+                 family: str, depth: int | None = None, relu_plus: bool = True,
+                 normalization: Normalization = Normalization(), name: str | None = None) -> None:
         super().__init__()
         self.trunk = trunk
         self.head = head
@@ -25,6 +28,17 @@ class SuperGlobalModel(nn.Module):
         self.family = family
         self.depth = depth
         self.relu_plus = relu_plus
+        self.normalization = normalization
+        self.name = name or (f"{family}{depth}" if depth is not None else family)
+
+    @property
+    def dim(self) -> int:
+        """Descriptor dimension: the whitening FC's output, else the trunk's channels."""
+        return self.head.fc.out_features if self.head.fc is not None else self.channels
+
+    @property
+    def whitening(self) -> bool:
+        return self.head.fc is not None
 
     @property
     def config(self) -> HeadConfig:
