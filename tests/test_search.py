@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sgengine.errors import InputError
-from sgengine.search import topk_similarity
+from sgengine.search import _split_query, resolve_impl, topk_similarity
 
 try:  # written by another module owner; used when present, never required
     from sgengine.compare import assert_rankings_agree
@@ -152,9 +152,45 @@ def test_no_queries():
     assert s.shape == (0, 4) and r.shape == (0, 4) and r.dtype == torch.int64
 
 
+@pytest.mark.parametrize("chunk_rows", [None, 33])
+def test_split_impl_matches_full_sort(chunk_rows):
+    # On CPU "split" runs an emulation with the same arithmetic as the CUDA path (float16 x
+    # float16 products are exact in float32), so the decomposition is tested everywhere.
+    db16 = unit_rows(N, D, 17).astype(np.float16)
+    q = unit_rows(4, D, 18)
+    s, r = topk_similarity(torch.from_numpy(q), db16, 60, chunk_rows=chunk_rows, impl="split")
+    assert_exact_topk(q, db16.astype(np.float32), 60, s, r)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-3, 3e4])
+def test_split_query_keeps_22_bits(scale):
+    q = torch.from_numpy(unit_rows(6, 512, 19)) * scale
+    q[0, :7] = torch.tensor([1e-9, -3e-7, 5e-5, 0.0, 2.0 ** -20, -(2.0 ** -14), 1e-30]) * scale
+    Q, e = _split_query(q)
+    assert Q.dtype == torch.float16 and torch.isfinite(Q).all()
+    back = (Q[:6].double() + Q[6:].double() / 2 ** 12) * e.double()
+    err = (back - q.double()).abs().max(dim=1).values
+    assert (err <= 2.0 ** -22 * q.abs().amax(dim=1).double() * 2).all(), err
+
+
+def test_resolve_impl():
+    assert resolve_impl("auto", "cpu", torch.float16) == "upcast"
+    assert resolve_impl("auto", "cpu", np.dtype("float32")) == "upcast"
+    assert resolve_impl("split", "cpu", "float16") == "split"
+    with pytest.raises(InputError, match="float16 rows"):
+        resolve_impl("split", "cpu", torch.float32)
+    with pytest.raises(InputError, match="impl must be"):
+        resolve_impl("fast", "cpu", torch.float16)
+    with pytest.raises(InputError, match="impl must be"):
+        topk_similarity(torch.zeros(1, 4), np.eye(4, dtype=np.float32), 1, impl="fast")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("impl", ["auto", "upcast", "split"])
 @pytest.mark.parametrize("where", ["cuda-fp16", "cuda-fp32", "host-memmap"])
-def test_cuda(where, tmp_path):
+def test_cuda(where, impl, tmp_path):
+    if impl == "split" and where == "cuda-fp32":
+        pytest.skip("split is for float16 rows")
     db = unit_rows(5000, 64, 15)
     q = unit_rows(8, 64, 16)
     if where == "host-memmap":
@@ -166,6 +202,6 @@ def test_cuda(where, tmp_path):
         ref_db = db.astype(np.float16).astype(np.float32)
     else:
         database, ref_db = torch.from_numpy(db).cuda(), db
-    s, r = topk_similarity(torch.from_numpy(q).cuda(), database, 100, chunk_rows=777)
+    s, r = topk_similarity(torch.from_numpy(q).cuda(), database, 100, chunk_rows=777, impl=impl)
     assert s.is_cuda and r.is_cuda
     assert_exact_topk(q, ref_db, 100, s, r)
