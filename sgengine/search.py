@@ -12,11 +12,10 @@ Two ways to take the product with float16 rows, picked by `impl` (see `resolve_i
 - "split" (CUDA, float16 rows): the float32 query is split exactly into two float16 parts,
   q = e * (hi + lo * 2^-12), and both are multiplied with the float16 rows in one float16 GEMM
   that accumulates and returns float32 (`torch.mm(..., out_dtype=torch.float32)`). The rows
-  are read once at 2 bytes per element and never converted. Error: the split keeps ~22 bits of
-  q, so |score error| <= ~2.4e-7 * sum|q_i x_i| (measured 3.1e-7 against float64 at
-  1M x 2048, vs 2e-8 (nq=1) / 3e-7 (nq=32) for the float32 product). On an H200 with 1M x 2048
-  float16 rows, k=400: 1.21 ms (nq=1) and 1.77 ms (nq=32), against 7.66 / 11.25 ms for
-  upcasting the whole database and 8.49 / 12.67 ms for the chunked upcast.
+  are read once at 2 bytes per element and never converted, which is why it is several
+  times faster than "upcast" on a GPU (the figures belong in bench/results/). Error: the split
+  keeps ~22 bits of q, so |score error| <= ~2.4e-7 * sum|q_i x_i|, the size of a float32
+  GEMM's own error at D = 2048; tests hold it to the float32 tolerance.
 """
 from __future__ import annotations
 
@@ -92,9 +91,9 @@ def _split_query(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # Per-chunk working set: the [nq, chunk] score block and, when the rows need converting or
 # moving, the upcast float32 copy of the chunk. On the CPU 64 MiB keeps the GEMM at full speed.
-# On a GPU each chunk costs a handful of kernel launches, so chunks must be large: measured on
-# an H200 (1M x 2048 float16 rows, k=400, nq=1), 8k-row chunks took 17.8 ms, 131k-row chunks
-# (1 GiB) 8.8 ms, against 7.7 ms for upcasting the whole database at once (8 GiB extra).
+# On a GPU each chunk costs a handful of kernel launches, so chunks must be large: on an H200
+# (1M x 2048 float16 rows, k=400, nq=1) 8k-row chunks took about twice as long as 131k-row
+# (1 GiB) chunks, which come within ~15% of upcasting the whole database at once.
 _CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 1 << 30}
 
 
@@ -179,8 +178,8 @@ def topk_similarity(queries: torch.Tensor, database: torch.Tensor | np.ndarray, 
     step = min(step, n)
     # One float32 buffer reused for every chunk that needs upcasting or moving: allocating a
     # fresh one per chunk costs more than the conversion itself (first-touch page faults; on
-    # 2 EPYC cores, a 100k x 512 float16 -> float32 conversion took 154 ms via .float(), 24 ms
-    # via copy_ into a warm buffer).
+    # 2 shared EPYC cores, converting 100k x 512 float16 rows took 154 ms via .float() and
+    # 24 ms via copy_ into a warm buffer).
     buf = None
     if needs_copy:
         buf_dtype = torch.float16 if mode == "split" and device.type == "cuda" else torch.float32
