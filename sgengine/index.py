@@ -283,6 +283,7 @@ class Index:
         self._ids = ids
         self._row_of: dict[str, int] | None = None
         self._concat: np.ndarray | None = None
+        self._device_rows: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------ properties
     @property
@@ -354,13 +355,15 @@ class Index:
                 self._concat = np.concatenate(self._arrays, axis=0)
         return self._concat
 
-    def search(self, queries, k: int, *, device: str | torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries, k: int, *, device: str | torch.device | None = None,
+               impl: str = "auto") -> tuple[np.ndarray, np.ndarray]:
         """Exact first-stage search (SPEC 5): scores float32 [nq, k] descending, rows int64 [nq, k].
 
         queries: [nq, D] or [D] (treated as nq = 1), numpy or torch, finite. k > len(self) is
-        clamped to len(self); k <= 0 and an empty index are InputErrors. `device` runs the
-        product there (the stored rows are streamed to it chunk by chunk); default: where the
-        queries are (CPU for numpy).
+        clamped to len(self); k <= 0 and an empty index are InputErrors. `device`: where the
+        product runs (default: where the queries are, CPU for numpy). On a non-CPU device the
+        stored rows are uploaded once, in the stored dtype, and kept there until the next add
+        or compact (`release_device()` frees them). `impl`: see search.topk_similarity.
         """
         n = len(self)
         if n == 0:
@@ -370,8 +373,23 @@ class Index:
         q = self._check_queries(queries)
         if device is not None:
             q = q.to(device)
-        scores, rows = topk_similarity(q, self.vectors(), min(int(k), n))
+        db = self.vectors() if q.device.type == "cpu" else self._on_device(q.device)
+        scores, rows = topk_similarity(q, db, min(int(k), n), impl=impl)
         return scores.cpu().numpy(), rows.cpu().numpy()
+
+    def _on_device(self, device: torch.device) -> torch.Tensor:
+        # Streaming a memmap to the GPU on every query would cost a full host->device copy of
+        # the index per query; one resident copy is the whole point of searching there.
+        key = str(device)
+        t = self._device_rows.get(key)
+        if t is None:
+            t = torch.from_numpy(np.ascontiguousarray(self.vectors())).to(device)
+            self._device_rows[key] = t
+        return t
+
+    def release_device(self) -> None:
+        """Drop the rows uploaded to accelerators by `search(..., device=...)`."""
+        self._device_rows = {}
 
     def _check_queries(self, queries) -> torch.Tensor:
         if isinstance(queries, torch.Tensor):
@@ -457,6 +475,7 @@ class Index:
             if self._row_of is not None:
                 self._row_of.update((s, start + i) for i, s in enumerate(ids))
             self._concat = None
+            self._device_rows = {}
 
     def compact(self) -> None:
         """Merge all segments into one (streamed, committed like an add); old files are then deleted."""

@@ -399,3 +399,23 @@ def test_gather(tmp_path):
         ix.gather(np.array([[-1]]))
     with pytest.raises(InputError, match="integers"):
         ix.gather(np.array([[1.0]]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_search_on_cuda(tmp_path, dtype):
+    ix = Index.create(tmp_path / "ix", dim=D, bundle_fingerprint=FP, dtype=dtype)
+    x = unit_rows(300, seed=80)
+    ix.add(x, names("c", 300))
+    q = unit_rows(4, seed=81)
+    s, r = ix.search(q, 20, device="cuda")
+    assert isinstance(s, np.ndarray) and s.shape == (4, 20)
+    cached = ix._on_device(torch.device("cuda"))
+    assert ix._on_device(torch.device("cuda")) is cached  # uploaded once
+    stored = x.astype(dtype).astype(np.float32)
+    s_cpu, _ = ix.search(q, 20)
+    np.testing.assert_allclose(s, s_cpu, atol=1e-6, rtol=0)
+    ix.add(unit_rows(5, seed=82), names("d", 5))  # invalidates the device copy
+    s2, r2 = ix.search(torch.from_numpy(q).cuda(), 305)
+    assert r2.shape == (4, 305)
+    brute_force_check(ix, np.concatenate([stored, unit_rows(5, seed=82).astype(dtype).astype(np.float32)]), q, 30)
