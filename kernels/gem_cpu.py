@@ -101,7 +101,7 @@ def _reflect_window_matrix(n: int) -> torch.Tensor:
     return m
 
 
-_WINDOW_MATRICES: dict[int, torch.Tensor] = {}
+_WINDOW_MATRICES: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
 def gem_pool_cpu(fmap: torch.Tensor, *, columns: str = "auto") -> torch.Tensor:
@@ -127,7 +127,8 @@ def gem_pool_cpu(fmap: torch.Tensor, *, columns: str = "auto") -> torch.Tensor:
 
     # 1) F^2.5 into the row-padded buffer. Clamping to _TINY first makes sqrt(0) = 1e-15, but
     #    the product with F^2 = 0 is still exactly 0.
-    p = torch.empty(A, h + 4, w * unit)
+    dev = x.device  # torch ops only: correct on any device, written and tuned for the CPU
+    p = torch.empty(A, h + 4, w * unit, device=dev)
     inner = p[:, 2:h + 2]
     torch.clamp_min(x3, _TINY, out=inner).sqrt_().mul_(x3).mul_(x3)
     _reflect_rows(p, h)
@@ -135,17 +136,17 @@ def gem_pool_cpu(fmap: torch.Tensor, *, columns: str = "auto") -> torch.Tensor:
     if columns == "matmul":
         if unit != 1:
             raise ValueError("gem_pool_cpu: columns='matmul' needs an NCHW-contiguous map")
-        rows = _box5(p, h, torch.empty(A, h, w))
-        m = _WINDOW_MATRICES.get(w)
+        rows = _box5(p, h, torch.empty(A, h, w, device=dev))
+        m = _WINDOW_MATRICES.get((w, dev))
         if m is None:
-            m = _WINDOW_MATRICES.setdefault(w, _reflect_window_matrix(w))
+            m = _WINDOW_MATRICES.setdefault((w, dev), _reflect_window_matrix(w).to(dev))
         # [B*C*h, w] x [w, w] with small integer weights: the sums are as exact as plain adds.
         box = torch.mm(rows.view(-1, w), m)
     elif columns == "slices":
-        q = torch.empty(A * h, w + 4, unit)
+        q = torch.empty(A * h, w + 4, unit, device=dev)
         _box5(p, h, out=q.view(A, h, (w + 4) * unit)[:, :, 2 * unit:(w + 2) * unit])
         _reflect_rows(q, w)
-        box = _box5(q, w, torch.empty(A * h, w, unit))
+        box = _box5(q, w, torch.empty(A * h, w, unit, device=dev))
     else:
         raise ValueError(f"gem_pool_cpu: columns must be 'auto', 'slices' or 'matmul', got {columns!r}")
     # NCHW: [B*C, h*w]; channels-last: [B, h*w, C]. Positions are dim 1 either way.

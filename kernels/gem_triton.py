@@ -18,8 +18,6 @@ On CPU the kernel runs only under TRITON_INTERPRET=1 (set before triton is impor
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -38,7 +36,12 @@ _INTERPRET_TILE = 1 << 15
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether this module's kernels run in Triton's CPU interpreter.
+
+    Triton decides when a kernel is decorated, i.e. when this module is first imported, so the
+    environment variable must be set before that; changing it later changes nothing.
+    """
+    return type(_gem_pool_gather_kernel).__name__ == "InterpretedFunction"
 
 
 def gem_launch_settings(C: int, h: int, w: int, *, interpret: bool | None = None) -> dict:
@@ -92,10 +95,20 @@ def _finish(x, box, m, inv_hw, c, out_row_ptr, C,
 
 
 @triton.jit
+def _plane_offsets(k, i, j, stride_h, stride_w, PLANE_CONTIG: tl.constexpr):
+    # NCHW planes are one contiguous run: offsetting by k itself lets Triton vectorize the load,
+    # which i * stride_h + j * stride_w (a div/mod of k) hides from its contiguity analysis.
+    if PLANE_CONTIG:
+        return k
+    else:
+        return i * stride_h + j * stride_w
+
+
+@triton.jit
 def _gem_pool_gather_kernel(
     x_ptr, out_ptr, C, H, W, n_cblocks, inv_hw,
     stride_b, stride_c, stride_h, stride_w,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, PLANE_CONTIG: tl.constexpr,
     RGEM_P: tl.constexpr, GEMP_P: tl.constexpr, GEMP_EPS: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -108,21 +121,20 @@ def _gem_pool_gather_kernel(
     m = (c[:, None] < C) & kin[None, :]
     # int64 offsets: a large batch of large maps passes 2^31 elements.
     ptrs = (x_ptr + b.to(tl.int64) * stride_b + c[:, None].to(tl.int64) * stride_c
-            + (i * stride_h + j * stride_w)[None, :])
+            + _plane_offsets(k, i, j, stride_h, stride_w, PLANE_CONTIG)[None, :])
     x = tl.load(ptrs, mask=m, other=0.0).to(tl.float32)
     # F^2.5 = F^2 sqrt(F): exact 0 at F = 0, and one MUFU op instead of two.
     x25 = x * x * tl.sqrt(x)
 
-    shape: tl.constexpr = (BLOCK_C, BLOCK_HW)
-    rows = tl.zeros(shape, dtype=tl.float32)
+    rows = tl.zeros((BLOCK_C, BLOCK_HW), dtype=tl.float32)
     for d in tl.static_range(5):
         # Lanes past h*w gather themselves: any in-range index will do, they are masked later.
         idx = tl.where(kin, i * W + _reflect(j + (d - 2), W), k)
-        rows += tl.gather(x25, tl.broadcast_to(idx[None, :], shape), axis=1)
-    box = tl.zeros(shape, dtype=tl.float32)
+        rows += tl.gather(x25, tl.broadcast_to(idx[None, :], (BLOCK_C, BLOCK_HW)), axis=1)
+    box = tl.zeros((BLOCK_C, BLOCK_HW), dtype=tl.float32)
     for d in tl.static_range(5):
         idx = tl.where(kin, _reflect(i + (d - 2), H) * W + j, k)
-        box += tl.gather(rows, tl.broadcast_to(idx[None, :], shape), axis=1)
+        box += tl.gather(rows, tl.broadcast_to(idx[None, :], (BLOCK_C, BLOCK_HW)), axis=1)
 
     _finish(x, box, m, inv_hw, c, out_ptr + b.to(tl.int64) * C, C, RGEM_P, GEMP_P, GEMP_EPS)
 
@@ -131,7 +143,7 @@ def _gem_pool_gather_kernel(
 def _gem_pool_scratch_kernel(
     x_ptr, out_ptr, scratch_ptr, C, H, W, n_cblocks, n_items, inv_hw,
     stride_b, stride_c, stride_h, stride_w,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, PLANE_CONTIG: tl.constexpr,
     RGEM_P: tl.constexpr, GEMP_P: tl.constexpr, GEMP_EPS: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -150,7 +162,7 @@ def _gem_pool_scratch_kernel(
         c = (item % n_cblocks) * BLOCK_C + cc
         m = (c[:, None] < C) & kin[None, :]
         ptrs = (x_ptr + b.to(tl.int64) * stride_b + c[:, None].to(tl.int64) * stride_c
-                + (i * stride_h + j * stride_w)[None, :])
+                + _plane_offsets(k, i, j, stride_h, stride_w, PLANE_CONTIG)[None, :])
         x = tl.load(ptrs, mask=m, other=0.0).to(tl.float32)
         tl.store(s1 + k[None, :], x * x * tl.sqrt(x), mask=m)
         # Barriers make this CTA's global stores visible to its other threads; .cg loads read
@@ -181,7 +193,13 @@ def gem_pool_triton(fmap: torch.Tensor, *, via: str = "gather") -> torch.Tensor:
     interpret = interpreting()
     if fmap.device.type != "cuda" and not interpret:
         raise ValueError(f"gem_pool_triton: feature map is on {fmap.device}; Triton needs a CUDA tensor "
-                         "(or TRITON_INTERPRET=1 set before triton is imported, for CPU testing)")
+                         "(or TRITON_INTERPRET=1 set before sgengine.kernels.gem_triton is imported, "
+                         "for CPU testing)")
+    if interpret and fmap.device.type != "cpu":
+        raise ValueError(f"gem_pool_triton: kernels were loaded in interpreter mode (TRITON_INTERPRET=1) "
+                         f"and cannot run on {fmap.device}; move the map to the CPU")
+    if fmap.dtype == torch.float64:
+        raise ValueError("gem_pool_triton: float64 feature maps are not supported; use impl='cpu' or 'reference'")
     if via not in ("gather", "scratch"):
         raise ValueError(f"gem_pool_triton: via must be 'gather' or 'scratch', got {via!r}")
     B, C, h, w = fmap.shape
@@ -191,8 +209,9 @@ def gem_pool_triton(fmap: torch.Tensor, *, via: str = "gather") -> torch.Tensor:
         return out
     n_cblocks = triton.cdiv(C, s["BLOCK_C"])
     n_items = B * n_cblocks
-    consts = dict(BLOCK_C=s["BLOCK_C"], BLOCK_HW=s["BLOCK_HW"], RGEM_P=RGEM_P, GEMP_P=GEMP_P,
-                  GEMP_EPS=GEMP_EPS, num_warps=s["num_warps"])
+    plane_contig = fmap.stride(3) == 1 and fmap.stride(2) == w
+    consts = dict(BLOCK_C=s["BLOCK_C"], BLOCK_HW=s["BLOCK_HW"], PLANE_CONTIG=plane_contig,
+                  RGEM_P=RGEM_P, GEMP_P=GEMP_P, GEMP_EPS=GEMP_EPS, num_warps=s["num_warps"])
     strides = fmap.stride()
     if via == "gather":
         _gem_pool_gather_kernel[(n_items,)](fmap, out, C, h, w, n_cblocks, 1.0 / (h * w), *strides, **consts)
