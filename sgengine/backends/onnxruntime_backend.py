@@ -1,0 +1,115 @@
+"""Backbone through ONNX Runtime: one InferenceSession, created at load, reused for every call."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import BackendUnavailableError, InputError
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+def machine_threads() -> int:
+    """CPUs this process may run on (cgroup/affinity aware, unlike os.cpu_count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+class OnnxRuntimeBackbone:
+    """`backbone(x [B,3,H,W] f32) -> [B,C,h,w] f32` through one ONNX Runtime session.
+
+    device="cuda[:i]" needs onnxruntime-gpu whose CUDA provider really loads: onnxruntime falls
+    back to the CPU silently when the CUDA libraries do not match, so the session's providers
+    are checked after creation and a fallback is an error here, not a slow surprise later.
+    """
+
+    def __init__(self, onnx_path: str | os.PathLike, device: str = "cpu", threads: int | None = None,
+                 input_name: str = "image", output_name: str = "fmap") -> None:
+        import onnxruntime as ort
+
+        self.onnx_path = Path(onnx_path)
+        self.device = torch.device(device)
+        self.input_name, self.output_name = input_name, output_name
+        self.threads = int(threads) if threads else machine_threads()
+        self.precision = "fp32"
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.log_severity_level = 3  # the provider check below reports failures; ORT's own warnings are noise
+        if self.device.type == "cuda":
+            available = ort.get_available_providers()
+            if CUDA not in available:
+                raise BackendUnavailableError(
+                    f"onnxruntime on {self.device}: the CUDA provider did not load: this onnxruntime build offers "
+                    f"only {available} (install onnxruntime-gpu instead of onnxruntime)")
+            index = self.device.index or 0
+            providers: list = [(CUDA, {"device_id": index}), CPU]
+        elif self.device.type == "cpu":
+            providers = [CPU]
+        else:
+            raise BackendUnavailableError(f"onnxruntime backend: device {device!r} is not supported (use 'cpu' or 'cuda')")
+        try:
+            self.session = ort.InferenceSession(str(self.onnx_path), sess_options=so, providers=providers)
+        except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+            if self.device.type == "cuda":
+                raise BackendUnavailableError(f"onnxruntime on {self.device}: the CUDA provider did not load "
+                                              f"for {self.onnx_path}: {e}") from e
+            raise
+        self.providers = list(self.session.get_providers())
+        if self.device.type == "cuda" and (not self.providers or self.providers[0] != CUDA):
+            raise BackendUnavailableError(
+                f"onnxruntime on {self.device}: the CUDA provider did not load (the session got {self.providers}); "
+                "onnxruntime-gpu needs CUDA and cuDNN versions matching its build")
+        names_in = [i.name for i in self.session.get_inputs()]
+        names_out = [o.name for o in self.session.get_outputs()]
+        if input_name not in names_in or output_name not in names_out:
+            raise BackendUnavailableError(f"{self.onnx_path}: graph has inputs {names_in} and outputs {names_out}, "
+                                          f"expected {input_name!r} -> {output_name!r}")
+        self._out_shapes: dict[tuple, tuple] = {}
+        self.name = "onnxruntime"
+
+    def _check(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise InputError(f"backbone input must be [B, 3, H, W], got {list(x.shape)}")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        if self.device.type == "cpu":
+            a = x.detach().to("cpu", torch.float32).contiguous().numpy()
+            out = self.session.run([self.output_name], {self.input_name: a})[0]
+            return torch.from_numpy(out)
+        return self._run_cuda(x)
+
+    def _run_cuda(self, x: torch.Tensor) -> torch.Tensor:
+        # IO binding keeps the tensors on the GPU. The output shape of a generic trunk is only known
+        # after a run, so the first call per input shape lets ORT allocate and remembers the shape.
+        x = x.detach().to(self.device, torch.float32).contiguous()
+        idx = self.device.index or 0
+        binding = self.session.io_binding()
+        binding.bind_input(self.input_name, "cuda", idx, np.float32, list(x.shape), x.data_ptr())
+        shape = self._out_shapes.get(tuple(x.shape))
+        if shape is None:
+            binding.bind_output(self.output_name, "cuda", idx)
+            torch.cuda.current_stream(self.device).synchronize()
+            self.session.run_with_iobinding(binding)
+            out = binding.get_outputs()[0]
+            self._out_shapes[tuple(x.shape)] = tuple(out.shape())
+            return torch.from_numpy(out.numpy()).to(self.device)
+        y = torch.empty(shape, dtype=torch.float32, device=self.device)
+        binding.bind_output(self.output_name, "cuda", idx, np.float32, list(shape), y.data_ptr())
+        torch.cuda.current_stream(self.device).synchronize()
+        self.session.run_with_iobinding(binding)
+        return y
+
+    def describe(self) -> dict:
+        return {"name": self.name, "device": str(self.device), "providers": self.providers,
+                "precision": self.precision, "threads": self.threads, "graph": str(self.onnx_path),
+                "graph_optimization": "ORT_ENABLE_ALL"}
