@@ -16,6 +16,7 @@ can run arbitrary code.
 from __future__ import annotations
 
 import os
+import pickletools
 import re
 import zipfile
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ IGNORED_PREFIXES = ("conv2ds.", "cv_learner.", "encoder_k.")
 IGNORED_KEYS = ("head.pool.p",)
 RESNET_DEPTH_BY_S3_BLOCKS = {6: 50, 23: 101}
 WHITENING_KEYS = ("head.fc.weight", "head.fc.bias")
-_PICKLE_PROTO = 0x80  # first byte of a protocol >= 2 pickle (torch's legacy, non-zip format)
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # the int torch's legacy (pre-1.6, non-zip) format pickles first
 
 
 @dataclass
@@ -129,13 +130,23 @@ def _needs_full_pickle(p: Path, msg: str) -> bool:
         return True
     if "Weights only load failed" not in msg:
         return False
-    # torch reports "Weights only load failed" for any bytes (a JPEG too): only a zip archive or a
-    # protocol-2+ pickle is a checkpoint that the full unpickler might read.
-    if zipfile.is_zipfile(p):
-        return True
-    with open(p, "rb") as f:
-        head = f.read(1)
-    return len(head) == 1 and head[0] == _PICKLE_PROTO
+    # torch reports "Weights only load failed" for any bytes (a JPEG too): only a zip archive or
+    # torch's legacy format is a checkpoint that the full unpickler might read.
+    return zipfile.is_zipfile(p) or _is_legacy_torch_file(p)
+
+
+def _is_legacy_torch_file(p: Path) -> bool:
+    """Does the file start with torch's legacy magic number? Parsed with pickletools: nothing is executed."""
+    try:
+        with open(p, "rb") as f:
+            for i, (op, arg, _) in enumerate(pickletools.genops(f)):
+                if op.name in ("LONG1", "LONG4", "LONG", "INT"):
+                    return arg == _LEGACY_MAGIC
+                if i > 2:
+                    return False
+    except Exception:  # not a pickle at all
+        return False
+    return False
 
 
 def extract_state_dict(obj: object, name: str) -> tuple[dict[str, torch.Tensor], str]:
