@@ -327,6 +327,9 @@ def rerank_candidates_triton(q: torch.Tensor, Y: torch.Tensor, K: int = 9, beta:
         return (torch.empty(nq, M, dtype=torch.int64, device=dev),
                 torch.empty(nq, M, dtype=torch.float32, device=dev))
     if gram == "auto":
+        # Measured on an H200 (nq=70, M'=400, D=2048, whole rerank): fp32 with the cuBLAS Gram
+        # 1.93 ms vs 2.86 ms with the Triton IEEE Gram (FMA loops, symmetry or not); the Triton
+        # fp16/bf16 Gram 0.70 ms, level with cuBLAS tf32 at 0.74 ms.
         gram = "bmm" if precision in ("fp32", "tf32") else "triton"
     q = q.contiguous()
     Y = Y.contiguous()
