@@ -110,6 +110,21 @@ def test_candidates_match_chain(seed, nq, M, D, K):
     check_against_chain(q, Y, K, 0.15, seed)
 
 
+@pytest.mark.parametrize("gram", ["full", "sym"])
+@pytest.mark.parametrize("M", [3, 57, 300])
+def test_cpu_gram_modes(seed, gram, M):
+    # The block-symmetric Gram (default from M' >= 256) and the plain product, at any M'.
+    from sgengine.kernels.rerank_cpu import rerank_candidates_cpu
+    queries, db = make_data(seed, 3, 2 * M, 32)
+    q, Y = candidates(queries, db, M)
+    o64, s64 = rerank_loop_chain(q, Y, 9, 0.15)
+    ok_q = ~ill_posed_expansion(q, Y, 9, 0.15)
+    o, s = rerank_candidates_cpu(q, Y, 9, 0.15, gram=gram)
+    for i in np.flatnonzero(ok_q):
+        assert_rankings_agree(o64[i], s64[i], o[i], s[i], rtol=0, atol=2e-6, truncated=False,
+                              context=f"seed {seed}, gram {gram}, query {i}")
+
+
 def test_candidates_match_chain_default_shape(seed):
     # The published operating point: M = 400, K = 9, D = 2048.
     queries, db = make_data(seed, 2, 1200, 2048)

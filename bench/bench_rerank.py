@@ -1,0 +1,134 @@
+"""SuperGlobal rerank speed (SPEC 6): fast paths against the reference chain and the Gram floor.
+
+    python bench/report.py bench/bench_rerank.py                 # CPU and (if present) CUDA
+    python bench/report.py bench/bench_rerank.py -k "cpu_device" # CPU only
+    SGENGINE_BENCH_THREADS=1 python bench/report.py bench/bench_rerank.py   # torch intra-op threads
+
+Shapes: N = 5000 database rows, D = 2048, K = 9, nq in {1, 70}, M in {100, 400, 1600}; the
+candidates are each query's exact first-stage top M of clustered unit vectors.
+Implementations:
+- "chain": `rerank_loop_chain`, one query at a time with full sorts, float64 (the transcription
+  the tests compare against). It is slow, so it runs on a subset of the queries and reports
+  extra_info["scale"] = subset / nq; bench/report.py divides by it (per-query work is
+  independent, so the scaled time is the full batch's).
+- "reference": the batched plain PyTorch reference (also subset-scaled where it would take long).
+- "cpu": the fast path (`sgengine.kernels.rerank_cpu`), always on every query.
+- "gram_matmul": the floor, one M x M x D float32 product per query (batched bmm).
+- "triton": the GPU kernel (CUDA variant only, when `sgengine.kernels.rerank_triton` imports).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+import torch
+
+from sgengine.rerank import rerank_candidates_reference, rerank_loop_chain
+from sgengine.search import topk_similarity
+
+N, D, K, BETA = 5000, 2048, 9, 0.15
+NQS = (1, 70)
+MS = (100, 400, 1600)
+# Seconds one call of a subset-capable implementation may take by default: keeps the whole CPU
+# suite to about a minute and a half on a 2-core machine.
+CALL_BUDGET_S = 1.5
+
+if os.environ.get("SGENGINE_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["SGENGINE_BENCH_THREADS"]))
+
+
+@functools.lru_cache(maxsize=1)
+def _database() -> tuple[torch.Tensor, torch.Tensor]:
+    """Clustered unit vectors (so neighbourhoods matter) and 70 queries near the same centres."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(50, D, generator=g), dim=1)
+    def around(n):
+        lab = torch.randint(0, len(centres), (n,), generator=g)
+        x = centres[lab] + torch.randn(n, D, generator=g) / D ** 0.5
+        return torch.nn.functional.normalize(x, dim=1)
+    return around(max(NQS)), around(N)
+
+
+@functools.lru_cache(maxsize=2)
+def _candidates(nq: int, M: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    queries, X = _database()
+    q = queries[:nq].contiguous()
+    _, rows = topk_similarity(q, X, M)
+    Y = X[rows]  # [nq, M, D]
+    return q.to(device), Y.to(device)
+
+
+def _est_seconds(impl: str, nq: int, M: int, device: str) -> float:
+    """Rough cost per call, used only to pick rounds and subsets (never reported)."""
+    gflop = 2 * nq * M * M * D / 1e9
+    rate = 60.0 if device == "cpu" else 20000.0  # GFLOP/s of a float32 Gram
+    per = {"chain": 6.0, "reference": 2.5}.get(impl, 1.2)  # float64, full sorts, gathers
+    return per * gflop / rate + (2e-3 * nq if impl == "chain" else 0.0)
+
+
+def _impl_fn(impl: str):
+    if impl == "chain":
+        return lambda q, Y: rerank_loop_chain(q, Y, K, BETA, dtype=torch.float64)
+    if impl == "reference":
+        return lambda q, Y: rerank_candidates_reference(q, Y, K, BETA)
+    if impl == "cpu":
+        from sgengine.kernels.rerank_cpu import rerank_candidates_cpu
+        return lambda q, Y: rerank_candidates_cpu(q, Y, K, BETA)
+    if impl == "triton":
+        from sgengine.kernels.rerank_triton import rerank_candidates_triton
+        return lambda q, Y: rerank_candidates_triton(q, Y, K, BETA)
+    if impl == "gram_matmul":
+        return lambda q, Y: torch.bmm(Y, Y.transpose(1, 2))
+    raise ValueError(impl)
+
+
+def _run(benchmark, impl: str, nq: int, M: int, device: str) -> None:
+    q, Y = _candidates(nq, M, device)
+    fn = _impl_fn(impl)
+    est = _est_seconds(impl, nq, M, device)
+    n_run = nq
+    if impl in ("chain", "reference") and est > CALL_BUDGET_S:
+        n_run = max(1, min(nq, int(nq * CALL_BUDGET_S / est)))
+    qs, Ys = q[:n_run], Y[:n_run]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def call():
+        out = fn(qs, Ys)
+        sync()
+        return out
+
+    est_run = est * n_run / nq
+    rounds = max(1, min(20, int(3.0 / max(est_run, 1e-4))))
+    benchmark.group = f"rerank {device} nq={nq} M={M} K={K} D={D} N={N}"
+    benchmark.extra_info.update({
+        "op": "rerank", "shape": f"{device} nq={nq} M={M} K={K} D={D}", "impl": impl,
+        "flops": 2 * nq * M * M * D, "scale": n_run / nq, "queries_run": n_run,
+        "threads": torch.get_num_threads(),
+    })
+    benchmark.pedantic(call, rounds=rounds, warmup_rounds=1 if est_run < 2 else 0, iterations=1)
+
+
+@pytest.mark.parametrize("impl", ["chain", "reference", "cpu", "gram_matmul"])
+@pytest.mark.parametrize("M", MS)
+@pytest.mark.parametrize("nq", NQS)
+def test_rerank_cpu_device(benchmark, nq, M, impl):
+    _run(benchmark, impl, nq, M, "cpu")
+
+
+def _triton_ok() -> bool:
+    try:
+        import sgengine.kernels.rerank_triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("impl", ["chain", "reference", "cpu", "triton", "gram_matmul"])
+@pytest.mark.parametrize("M", MS)
+@pytest.mark.parametrize("nq", NQS)
+def test_rerank_cuda(benchmark, nq, M, impl):
+    if impl == "triton" and not _triton_ok():
+        pytest.skip("sgengine.kernels.rerank_triton does not import here")
+    _run(benchmark, impl, nq, M, "cuda")
