@@ -281,12 +281,14 @@ def load_descriptors(path: str | os.PathLike, *, dim: int | None = None, what: s
 
 
 def load_distractors(features: str | os.PathLike, *, dim: int | None = None,
-                     image_list: str | os.PathLike | None = None) -> tuple[np.ndarray, list[str] | None]:
+                     image_list: str | os.PathLike | None = None,
+                     bundle_fingerprint: str | None = None) -> tuple[np.ndarray, list[str] | None]:
     """revisitop 1M distractor descriptors [N, D] (and their names when an image list is given).
 
     features: .npy / .npz / torch file, or an sgengine index directory built from the
     revisitop 1M images. image_list: the revisitop list file (one name per line); when given,
-    its length must match the number of descriptors.
+    its length must match the number of descriptors. bundle_fingerprint: when given, an index
+    built by another bundle is refused (plain arrays carry no fingerprint: the caller vouches).
     """
     p = Path(features).expanduser()
     how = ("compute them from the revisitop 1M images with the same bundle (e.g. `sgengine index build BUNDLE "
@@ -297,8 +299,10 @@ def load_distractors(features: str | os.PathLike, *, dim: int | None = None,
     if p.is_dir():
         from ..index import Index
         idx = Index.open(p)
-        n = len(idx)
-        feats = np.asarray(idx.gather(np.arange(n)), dtype=np.float32).reshape(n, -1)
+        if bundle_fingerprint and idx.bundle_fingerprint != bundle_fingerprint:
+            raise DatasetError(f"+1M distractors: index {p} was built by bundle {idx.bundle_fingerprint[:12]}, "
+                               f"not by the one that made the queries ({bundle_fingerprint[:12]})")
+        feats = idx.vectors()  # memory-mapped when it is one segment; float16 stays float16 until read
         if dim is not None and feats.shape[1] != dim:
             raise DatasetError(f"+1M distractors: index {p} holds {feats.shape[1]}-d descriptors, queries are {dim}-d")
         names = [str(i) for i in idx.ids]

@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -27,7 +28,7 @@ from ..errors import InputError, SgengineError
 from .datasets import DatasetError, RevisitedDataset, load_descriptors, load_distractors, load_revisited
 from .metrics import PROTOCOLS, compute_map_protocols
 
-__all__ = ["main", "build_parser", "DescriptorCache", "extract_descriptors", "full_ranking", "rerank_ranking",
+__all__ = ["main", "build_parser", "DescriptorCache", "RowBlocks", "extract_descriptors", "full_ranking", "rerank_ranking",
            "evaluate", "format_table"]
 
 SPEC_RERANK_DEFAULTS = {"M": 400, "K": 9, "beta": 0.15}
@@ -135,20 +136,62 @@ def extract_descriptors(engine, ds: RevisitedDataset, *, cache: DescriptorCache 
 
 
 # ----------------------------------------------------------------------------- search and rerank
-def full_ranking(Q: np.ndarray, X: np.ndarray, *, device: str = "cpu", chunk_rows: int = 1 << 16) -> np.ndarray:
+class RowBlocks:
+    """Rows of several [n_i, D] arrays seen as one [sum n_i, D] database, without concatenating.
+
+    The +1M database is the dataset's few thousand rows plus a million memory-mapped ones
+    (8 GB in float32): a copy would double that, so chunks and gathers read the blocks in place.
+    """
+
+    def __init__(self, *blocks: np.ndarray) -> None:
+        dims = {b.shape[1] for b in blocks}
+        if len(dims) != 1:
+            raise InputError(f"database blocks have different dimensions {sorted(dims)}")
+        self.blocks = blocks
+        self.offsets = np.cumsum([0] + [b.shape[0] for b in blocks])
+        self.shape = (int(self.offsets[-1]), dims.pop())
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def chunks(self, rows: int):
+        """(start, float32 array) pieces covering all rows in order, each at most `rows` long."""
+        for off, b in zip(self.offsets, self.blocks):
+            for s in range(0, b.shape[0], rows):
+                yield int(off) + s, np.ascontiguousarray(b[s:s + rows], dtype=np.float32)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        r = np.asarray(rows).reshape(-1)
+        out = np.empty((r.size, self.shape[1]), np.float32)
+        which = np.searchsorted(self.offsets, r, side="right") - 1
+        for bi, b in enumerate(self.blocks):
+            m = which == bi
+            if m.any():
+                # np.take on a memmap reads only the rows asked for.
+                out[m] = np.take(b, r[m] - self.offsets[bi], axis=0)
+        return out.reshape(np.shape(rows) + (self.shape[1],))
+
+
+def _as_blocks(X) -> RowBlocks:
+    return X if isinstance(X, RowBlocks) else RowBlocks(np.asarray(X) if not isinstance(X, np.ndarray) else X)
+
+
+def full_ranking(Q: np.ndarray, X, *, device: str = "cpu", chunk_rows: int = 1 << 16) -> np.ndarray:
     """First stage (SPEC 5) as the full order: ranks [N, nq] of database rows by descending Q X^T.
 
-    X may be a float16/float32 memmap (the +1M case): it is read chunk by chunk and upcast, so
-    only the [N, nq] score matrix is held. Ties keep the lower row first (stable sort).
+    X: [N, D] array (a float16/float32 memmap is fine) or RowBlocks; it is read chunk by chunk
+    and upcast, so only the [N, nq] score matrix is held. Ties keep the lower row first.
     """
     import torch
-    n = X.shape[0]
+    Xb = _as_blocks(X)
+    n = len(Xb)
     q = torch.from_numpy(np.ascontiguousarray(Q, np.float32)).to(device)
     S = torch.empty((n, q.shape[0]), dtype=torch.float32, device=device)
-    with torch.no_grad():
-        for s in range(0, n, chunk_rows):
-            xc = torch.from_numpy(np.ascontiguousarray(X[s:s + chunk_rows], np.float32)).to(device)
-            S[s:s + xc.shape[0]] = xc @ q.T
+    with torch.no_grad(), warnings.catch_warnings():
+        # A chunk of a read-only memmap is only read here; torch warns because it cannot tell.
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        for s, xc in Xb.chunks(chunk_rows):
+            S[s:s + xc.shape[0]] = torch.from_numpy(xc).to(device) @ q.T
         ranks = torch.argsort(S, dim=0, descending=True, stable=True)
     del S
     dtype = np.int32 if n < 2**31 else np.int64
@@ -156,15 +199,8 @@ def full_ranking(Q: np.ndarray, X: np.ndarray, *, device: str = "cpu", chunk_row
 
 
 def _resolve_rerank_impl(impl: str, device: str) -> str:
-    if impl != "auto":
-        return impl
-    if device.startswith("cuda"):
-        try:
-            import triton  # noqa: F401
-            return "triton"
-        except ImportError:
-            return "reference"
-    return "cpu"
+    from ..rerank import resolve_impl
+    return resolve_impl(impl, device)
 
 
 def rerank_ranking(Q: np.ndarray, X: np.ndarray, ranks: np.ndarray, *, M: int, K: int, beta: float,
@@ -172,15 +208,17 @@ def rerank_ranking(Q: np.ndarray, X: np.ndarray, ranks: np.ndarray, *, M: int, K
     """SuperGlobal rerank (SPEC 6) of each column's top M' = min(M, N); rows below M' keep their order."""
     import torch
     from ..rerank import rerank_candidates
+    Xb = _as_blocks(X)
     n, nq = ranks.shape
+    if n != len(Xb):
+        raise InputError(f"ranks cover {n} database rows but the database has {len(Xb)}")
     m = min(int(M), n)
     impl = _resolve_rerank_impl(impl, device)
     out = ranks.copy()
     top = np.ascontiguousarray(ranks[:m].T)  # [nq, M'] in first-stage order, as SPEC 6.1 wants
     for s in range(0, nq, query_chunk):
         t = top[s:s + query_chunk]
-        # Gather only the candidates: [c, M', D]; X may be a memmap, np.take reads just these rows.
-        Y = np.take(X, t.reshape(-1), axis=0).astype(np.float32, copy=False).reshape(t.shape + (X.shape[1],))
+        Y = Xb.take(t)  # only the candidates: [c, M', D]
         q = torch.from_numpy(np.ascontiguousarray(Q[s:s + query_chunk], np.float32)).to(device)
         order, _ = rerank_candidates(q, torch.from_numpy(Y).to(device), K=int(K), beta=float(beta), impl=impl)
         order = np.asarray(torch.as_tensor(order).cpu().numpy(), dtype=np.int64)
@@ -213,16 +251,16 @@ def _fmt(v: float) -> str:
 def format_table(title: str, rows: dict[str, dict], kappas: Sequence[int] = KAPPAS) -> str:
     """Paper-style table: mAP E/M/H, then mP@k E/M/H for each k; values x100 with two decimals."""
     groups = ["mAP"] + [f"mP@{k}" for k in kappas]
-    w = max([len("method")] + [len(r) for r in rows]) + 2
-    gw = 3 * 7  # three columns of width 7 per group
+    w = max([len("method")] + [len(r) for r in rows]) + 1
+    gw = 3 * 7 + 1  # three right-aligned columns of width 7, one space before the next bar
     head1 = " " * w + "".join(f"|{g:^{gw}}" for g in groups)
-    head2 = f"{'method':<{w}}" + "".join("|" + "".join(f"{p[0].upper():>7}" for p in PROTOCOLS) for _ in groups)
-    lines = [title, head1, head2, "-" * len(head2)]
+    head2 = f"{'method':<{w}}" + "".join("|" + "".join(f"{p[0].upper():>7}" for p in PROTOCOLS) + " " for _ in groups)
+    lines = [title, head1.rstrip(), head2.rstrip(), "-" * len(head2.rstrip())]
     for label, res in rows.items():
         cells = ["".join(f" {_fmt(res[p]['map'])}" for p in PROTOCOLS)]
         for t in range(len(kappas)):
             cells.append("".join(f" {_fmt(res[p]['mpk'][t])}" for p in PROTOCOLS))
-        lines.append(f"{label:<{w}}" + "".join("|" + c for c in cells))
+        lines.append(f"{label:<{w}}" + " ".join("|" + c for c in cells))
     return "\n".join(lines)
 
 
@@ -343,10 +381,11 @@ def main(argv: list[str] | None = None) -> int:
     label = "SuperGlobal"
     if a.plus1m:
         t0 = time.perf_counter()
-        D1m, _ = load_distractors(a.plus1m, dim=Q.shape[1], image_list=a.plus1m_list)
+        D1m, _ = load_distractors(a.plus1m, dim=Q.shape[1], image_list=a.plus1m_list,
+                                  bundle_fingerprint=fingerprint or None)
         # SPEC 7 +1M: distractors are appended after the dataset's images, so the ground-truth
         # indices stay valid.
-        X = np.concatenate([X, np.asarray(D1m, np.float32)], axis=0)
+        X = RowBlocks(X, D1m)
         info["plus1m"] = f"+{D1m.shape[0]} distractors from {a.plus1m} (loaded in {time.perf_counter() - t0:.1f} s)"
         label = "SuperGlobal +1M"
 
@@ -369,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     parts.append(f"search {t['search'] * 1e3 / max(nq, 1):.2f} ms/query")
     if "rerank" in t:
         parts.append(f"rerank {t['rerank'] * 1e3 / max(nq, 1):.2f} ms/query "
-                     f"({_resolve_rerank_impl(a.rerank_impl, a.device)}, {a.device})")
+                     f"(impl {_resolve_rerank_impl(a.rerank_impl, a.device)} on {a.device})")
     print("timings: " + " | ".join(parts))
     if "plus1m" in info:
         print(info["plus1m"])
