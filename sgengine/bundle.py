@@ -269,22 +269,14 @@ class Bundle:
         """The reference SuperGlobalModel (trunk + head + Scale-GeM) rebuilt from the bundle's files."""
         from .model.superglobal import SuperGlobalModel
         model = SuperGlobalModel(self.build_trunk(), self.build_head(), stride=self.stride, channels=self.channels,
-                                 family=self.family, depth=self.depth, relu_plus=self.relu_plus)
-        # normalization/name are plain attributes on SuperGlobalModel; set them so the rebuilt model
-        # preprocesses exactly as the bundle says.
-        model.normalization = self.normalization
-        model.name = self.name
+                                 family=self.family, depth=self.depth, relu_plus=self.relu_plus,
+                                 normalization=self.normalization, name=self.name)
         return model.eval()
 
 
 def _build_known_trunk(family: str, depth: int | None, relu_plus: bool) -> torch.nn.Module:
+    from .model.factory import build_trunk
     try:
-        from .model.factory import build_trunk
-    except ImportError:
-        build_trunk = None
-    if build_trunk is not None:
         return build_trunk(family, depth, relu_plus)
-    if family == "resnet":
-        from .model.resnet import ResNet
-        return ResNet(depth or 50, relu_plus)
-    raise BundleError(f"cannot rebuild a {family!r} trunk: sgengine.model.factory is not available")
+    except ValueError as e:
+        raise BundleError(f"cannot rebuild the trunk: {e}") from e
