@@ -37,37 +37,25 @@ def run_cpp(cmd: list[str], **extra_env: str) -> str:
     return p.stdout
 
 
-def compare_ranked(got: Ranked, want_full: Ranked, k: int, what: str) -> list[str]:
-    """Scores position by position within ATOL; ids as sets within groups of tied scores.
+def compare_ranked(got: Ranked, want: Ranked, what: str, *, complete: bool = False) -> list[str]:
+    """sgengine.compare's tie-aware check (scores within ATOL, ids per tie group) on (id, score) lists.
 
-    want_full may run past k (the reference asked for more), so a tie that straddles the cut-off
-    is known: there the C++ ids need only come from the tied group.
+    complete: every index entry is listed, so the last tie group is compared too.
     """
-    want = want_full[:k]
-    errs = []
+    from sgengine.compare import rankings_agree
     if len(got) != len(want):
         return [f"{what}: {len(got)} results from C++, {len(want)} from Python\n  C++ {got}\n  Py  {want}"]
-    for i, ((gi, gs), (wi, ws)) in enumerate(zip(got, want)):
-        if not abs(gs - ws) <= ATOL:
-            errs.append(f"{what}: rank {i + 1} score {gs!r} (C++, {gi}) vs {ws!r} (Python, {wi})")
-    start = 0
-    while start < len(want):
-        end = start + 1
-        while end < len(want_full) and abs(want_full[end][1] - want_full[start][1]) <= ATOL:
-            end += 1
-        got_ids = {g[0] for g in got[start:min(end, k)]}
-        group = {w[0] for w in want_full[start:end]}
-        ok = got_ids == group if end <= k else got_ids <= group
-        if not ok:
-            errs.append(f"{what}: ranks {start + 1}-{min(end, k)} hold {sorted(got_ids)} in C++, "
-                        f"{sorted(group)} in Python")
-        start = end
-    return errs
+    if not got:
+        return [f"{what}: no results on either side"]
+    codes: dict[str, int] = {}
+    ids = [[codes.setdefault(i, len(codes)) for i, _ in side] for side in (got, want)]
+    ok, msg = rankings_agree(np.array(ids[0]), np.array([s for _, s in got]), np.array(ids[1]),
+                             np.array([s for _, s in want]), rtol=0.0, atol=ATOL, truncated=not complete)
+    return [] if ok else [f"{what}: {msg}\n  C++ {got}\n  Py  {want}"]
 
 
 def python_ranked(engine, query, k: int, **kw) -> Ranked:
-    # One more than asked, so ties across the cut-off are visible (see compare_ranked).
-    r = engine.search(query, k=k + 1, **kw)
+    r = engine.search(query, k=k, **kw)
     return [(str(i), float(s)) for i, s in zip(r.ids, r.scores)]
 
 
@@ -100,10 +88,7 @@ def check_example(exe: Path, fixture: Path, k: int, label: str = "example") -> l
     query = fixture / "query.jpg"
     got = parse_rank_lines(run_cpp([exe, fixture / "bundle", fixture / "index", query, "-k", str(k)]))
     engine = load_engine(fixture)
-    want = python_ranked(engine, str(query), k)
-    if not got:
-        return [f"{label}: printed no results"]
-    return compare_ranked(got, want, k, label)
+    return compare_ranked(got, python_ranked(engine, str(query), k), label)
 
 
 # ------------------------------------------------------------------------------------------ api
@@ -158,7 +143,7 @@ def check_api(exe: Path, fixture: Path, k: int, python: str) -> list[str]:
         if mode not in results:
             errs.append(f"{mode}: no C++ results")
             continue
-        errs += compare_ranked(results[mode], want, k if mode != "k_large" else n, mode)
+        errs += compare_ranked(results[mode], want, mode, complete=mode == "k_large")
     if results.get("k_large") is not None and len(results["k_large"]) != n:
         errs.append(f"k_large: {len(results['k_large'])} results, the index holds {n}")
 
@@ -223,7 +208,8 @@ def check_consumer(mode: str, build_dir: Path, source: Path, fixture: Path, k: i
         else:
             cfg.append(f"-DSGENGINE_SOURCE_DIR={source}")
         subprocess.run(cfg, check=True, stdout=subprocess.DEVNULL)
-        subprocess.run(["cmake", "--build", str(tmp / "build")], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["cmake", "--build", str(tmp / "build"), "--target", "consumer_search"], check=True,
+                       stdout=subprocess.DEVNULL)
         errs += check_example(tmp / "build" / "consumer_search", fixture, k, f"consumer ({mode})")
         return errs
 

@@ -1,8 +1,9 @@
 """ctest fixture for the C++ API: a bundle, an index of real photos and one query, made with the Python package.
 
-    python tests/cpp/make_fixture.py OUT_DIR
+    python tests/cpp/make_fixture.py OUT_DIR [--bundle EXISTING_BUNDLE]
 
-OUT_DIR/bundle   the default model (`python -m sgengine.export --default`)
+OUT_DIR/bundle   the default model (`python -m sgengine.export --default`), or a copy of
+                 EXISTING_BUNDLE (e.g. one a CI cache keeps; SGENGINE_TEST_BUNDLE does the same)
 OUT_DIR/photos/  a handful of the photos scikit-image / scikit-learn ship (files as installed)
 OUT_DIR/index    `python -m sgengine index build bundle photos -o index`
 OUT_DIR/query.jpg   a crop of one indexed photo, re-encoded (so it is not a copy of any entry)
@@ -13,7 +14,9 @@ Everything goes through the public CLIs and the Engine, as a user would make the
 """
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -36,10 +39,11 @@ def run(cmd: list[str]) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print(__doc__, file=sys.stderr)
-        return 2
-    out = Path(argv[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", type=Path)
+    p.add_argument("--bundle", type=Path, default=os.environ.get("SGENGINE_TEST_BUNDLE") or None)
+    a = p.parse_args(argv)
+    out = a.out
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -54,7 +58,10 @@ def main(argv: list[str]) -> int:
     for name in PHOTOS:
         shutil.copyfile(files[name], photos / files[name].name)
 
-    run([sys.executable, "-m", "sgengine.export", "--default", "-o", str(out / "bundle")])
+    if a.bundle:
+        shutil.copytree(a.bundle, out / "bundle")
+    else:
+        run([sys.executable, "-m", "sgengine.export", "--default", "-o", str(out / "bundle")])
     run([sys.executable, "-m", "sgengine", "index", "build", str(out / "bundle"), str(photos), "-o",
          str(out / "index"), "--quiet"])
 
