@@ -16,7 +16,6 @@ import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

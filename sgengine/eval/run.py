@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import InputError, SgengineError
-from .datasets import DatasetError, RevisitedDataset, load_descriptors, load_distractors, load_revisited
+from .datasets import DatasetError, RevisitedDataset, load_distractors, load_revisited
 from .metrics import PROTOCOLS, compute_map_protocols
 
 __all__ = ["main", "build_parser", "DescriptorCache", "RowBlocks", "extract_descriptors", "full_ranking", "rerank_ranking",
@@ -272,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "SuperGlobal global retrieval and reranking.")
     p.add_argument("dataset", help="roxford5k or rparis6k (any name with DATA/<name>/gnd_<name>.pkl works)")
     p.add_argument("--data", required=True, help="folder holding <dataset>/gnd_<dataset>.pkl and <dataset>/jpg/ "
-                   "(or the dataset folder itself); from http://cmp.felk.cvut.cz/revisitop/")
+                   "(or the dataset folder itself); from http://cmp.felk.cvut.cz/revisitop/. The pickle is read with a "
+                   "restricted unpickler (lists, dicts, numpy arrays only)")
     p.add_argument("--bundle", help="bundle directory (sgengine export); not needed with --features")
     p.add_argument("--features", help="evaluate saved descriptors (.npz with 'queries' and 'database', as written by "
                    "--save-features) instead of running a model")
@@ -409,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     if "rerank" in t:
         parts.append(f"rerank {t['rerank'] * 1e3 / max(nq, 1):.2f} ms/query "
                      f"(impl {_resolve_rerank_impl(a.rerank_impl, a.device)} on {a.device})")
-    print("timings: " + " | ".join(parts))
+    # One pass, no warm-up: first-call overheads are included (bench/ has the warmed medians).
+    print("timings (one pass, wall clock): " + " | ".join(parts))
     if "plus1m" in info:
         print(info["plus1m"])
     if a.json:
