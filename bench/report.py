@@ -66,10 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         print(render(json.loads(Path(args.from_json).read_text())))
         return 0
     out = args.json or os.path.join(tempfile.mkdtemp(), "bench.json")
-    targets = [a for a in rest if not a.startswith("-")] or [str(Path(__file__).parent)]
-    opts = [a for a in rest if a.startswith("-") or a not in targets]
-    cmd = [sys.executable, "-m", "pytest", *targets, "--benchmark-only", f"--benchmark-json={out}",
-           "-q", "-p", "no:cacheprovider", *opts]
+    # Paths that exist are suites; everything else goes to pytest untouched (e.g. -k cuda).
+    has_target = any(Path(a).exists() for a in rest if not a.startswith("-"))
+    targets = [] if has_target else [str(Path(__file__).parent)]
+    cmd = [sys.executable, "-m", "pytest", *targets, *rest, "--benchmark-only", f"--benchmark-json={out}",
+           "-q", "-p", "no:cacheprovider"]
     rc = subprocess.call(cmd, cwd=Path(__file__).resolve().parent.parent)
     if not Path(out).exists():
         print("no benchmark results were written", file=sys.stderr)
