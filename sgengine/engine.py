@@ -93,7 +93,7 @@ def _resolve_impl(impl: str, device: str) -> str:
             import triton  # noqa: F401
             return "triton"
         except ImportError:
-            return "reference"
+            return "cpu"  # the vectorized torch paths run on CUDA tensors too
     return "cpu"
 
 
@@ -300,7 +300,7 @@ class Engine:
             k = n
         m_eff = min(M, n) if rerank else 0
         t0 = time.perf_counter()
-        scores, rows = self.index.search(q.numpy(), max(k, m_eff))
+        scores, rows = self.index.search(q.numpy(), max(k, m_eff), device=self.device)
         timer.add("search", t0)
         if rerank and len(q):
             from .rerank import rerank_candidates

@@ -79,4 +79,6 @@ def build_index(engine, folder: str | os.PathLike, index_path: str | os.PathLike
             bar.update(len(chunk))
     if bar is not None:
         bar.close()
+    if report.added and index.segments > 1:
+        index.compact()  # one segment: searches then map a single file instead of concatenating
     return report
