@@ -16,11 +16,14 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from sgengine.errors import SgengineError
 
 DEFAULT_OPSET = 18
 INPUT_NAME = "image"
@@ -28,8 +31,12 @@ OUTPUT_NAME = "fmap"
 EXPORTERS = ("auto", "dynamo", "legacy")
 
 
-class ExportFailed(RuntimeError):
-    pass
+class ExportFailed(SgengineError, RuntimeError):
+    """Neither exporter produced a valid graph (the message lists each one's error)."""
+
+
+def _holds_torchscript(trunk: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.jit.ScriptModule) for m in trunk.modules())
 
 
 def _example(trunk: torch.nn.Module, stride: int) -> torch.Tensor:
@@ -117,7 +124,14 @@ def export_onnx(trunk: torch.nn.Module, path: str | Path, *, stride: int = 32, o
     opset = int(opset or DEFAULT_OPSET)
     trunk = trunk.eval()
     example = _example(trunk, stride)
-    scripted = isinstance(trunk, torch.jit.ScriptModule)
+    scripted = _holds_torchscript(trunk)
+    if scripted and not isinstance(trunk, torch.jit.ScriptModule):
+        # A module wrapping a TorchScript trunk (from_trunk's clamp wrapper): the tracer cannot
+        # enter a ScriptModule it was not given, so script the wrapper as a whole.
+        try:
+            trunk = torch.jit.script(trunk)
+        except Exception as e:
+            raise ExportFailed(f"the trunk wraps TorchScript and cannot be scripted as a whole: {e}") from e
     order = {"auto": ["legacy"] if scripted else ["dynamo", "legacy"], "dynamo": ["dynamo"], "legacy": ["legacy"]}[exporter]
     errors = []
     for name in order:
@@ -127,7 +141,8 @@ def export_onnx(trunk: torch.nn.Module, path: str | Path, *, stride: int = 32, o
             (_export_dynamo if name == "dynamo" else _export_legacy)(trunk, example, path, opset)
             summary = check_graph(path)
         except Exception as e:  # exporters raise many types; the message says which step failed
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # torch colours its messages
+            first = text.splitlines()[0] if text else type(e).__name__
             errors.append(f"{name}: {type(e).__name__}: {first}")
             if len(order) > 1 and name != order[-1]:
                 progress(f"  torch.export-based exporter failed ({first[:200]}); trying the TorchScript tracer")

@@ -26,7 +26,7 @@ from .parity import Tolerance, check_parity, parity_inputs, require
 
 def _mb(path: Path) -> str:
     n = path.stat().st_size
-    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB" if n >= 1e3 else f"{n} bytes"
 
 
 def _model_name(model) -> str:
