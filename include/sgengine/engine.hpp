@@ -16,6 +16,17 @@
 //
 // This header does not include Python or pybind11: a program using it needs neither's headers,
 // only the sgengine_embed library (which links the Python shared library) at link and run time.
+//
+// Deployment needs, on the target machine:
+//   - libsgengine_embed.so and the shared library of the same Python it was built against
+//     (libpython3.X.so, same minor version; found through the RPATH recorded at build/install
+//     time, else through LD_LIBRARY_PATH);
+//   - a Python environment of that version with sgengine and its dependencies installed (a venv
+//     is fine): the build machine's by default, else SGENGINE_PYTHON=/path/to/env/bin/python.
+// PYTHONHOME and PYTHONPATH are not needed, and if set they override what the environment gives
+// (Python reads them at start-up), so leave them unset. The library must be loaded with its
+// symbols global (a normal link, or dlopen with RTLD_GLOBAL): Python extension modules such as
+// numpy and torch resolve the Python C API from it.
 #pragma once
 
 #include <cstddef>

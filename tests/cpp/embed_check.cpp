@@ -130,7 +130,7 @@ int main(int argc, char** argv) {
         // Two threads at once: one searching images on `engine`, the other building a second
         // Engine (same interpreter) and searching descriptors on both. Each result must equal the
         // single-threaded one above.
-        const int rounds = 3;
+        const int rounds = 2;
         bool ok_a = true, ok_b = true;
         std::string err_a, err_b;
         std::thread a([&] {
