@@ -49,6 +49,8 @@ def test_prefix_forms(tmp_path, cvnet_state_dict, prefix):
     assert report.whitening and model.whitening and model.dim == 2048
     assert report.unexpected == ()
     assert not model.training
+    assert all(t.device.type == "cpu" for t in model.state_dict().values())  # nothing left on the meta device
+    assert report.loaded == len(model.state_dict())
     assert_loaded(model, sd)
     text = report.summary()
     assert str(path) in text and "ResNet-50" in text and "conv2ds.*" in text and "head.pool.p" in text
@@ -110,16 +112,19 @@ def test_missing_and_misshaped_tensors_all_listed(tmp_path, cvnet_state_dict):
     del sd["head.fc.bias"]
     sd["s4.b3.f.c_bn.weight"] = torch.ones(1024)
     sd["stem.conv.weight"] = torch.zeros(64, 3, 3, 3)
+    sd["s1.b2.f.a_bn.running_var"] = sd["s1.b2.f.a_bn.running_var"].clone()
+    sd["s1.b2.f.a_bn.running_var"][[3, 7]] = float("nan")
     path = tmp_path / "broken.pth"
     torch.save({"model_state": keyed(sd, "encoder_q.")}, path)
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(path)
     msg = str(info.value)
-    assert msg.startswith(f"{path}: 4 backbone/head tensors missing or mis-shaped")
-    assert "trunk.s2.b1.f.b.weight: missing (expected [128, 128, 3, 3])" in msg
-    assert "head.fc.bias: missing (expected [2048])" in msg
-    assert "trunk.s4.b3.f.c_bn.weight: expected [2048], got [1024]" in msg
-    assert "trunk.stem.conv.weight: expected [64, 3, 7, 7], got [64, 3, 3, 3]" in msg
+    assert msg.startswith(f"{path}: 5 backbone/head tensors missing, mis-shaped or non-finite")
+    assert "  s2.b1.f.b.weight: missing (expected [128, 128, 3, 3])" in msg
+    assert "  head.fc.bias: missing (expected [2048])" in msg
+    assert "  s4.b3.f.c_bn.weight: expected [2048], got [1024]" in msg
+    assert "  stem.conv.weight: expected [64, 3, 7, 7], got [64, 3, 3, 3]" in msg
+    assert "  s1.b2.f.a_bn.running_var: 2 NaN/inf values" in msg
 
 
 def test_without_whitening(tmp_path, cvnet_state_dict):

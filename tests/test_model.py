@@ -166,9 +166,14 @@ def test_synthetic_weights_give_distinct_descriptors(photos, cvnet_state_dict):
 
 # ---- EfficientNet-Lite0 -----------------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def lite0_random():
+    return build_trunk("efficientnet-lite0")
+
+
 @pytest.mark.parametrize("h,w", [(97, 131), (224, 224), (33, 65), (1, 1), (200, 95)])
-def test_efficientnet_map_size_rule(h, w):
-    trunk = build_trunk("efficientnet-lite0")
+def test_efficientnet_map_size_rule(lite0_random, h, w):
+    trunk = lite0_random
     with torch.no_grad():
         y = trunk(torch.randn(1, 3, h, w))
     assert tuple(y.shape) == (1, 1280, math.ceil(h / 32), math.ceil(w / 32))

@@ -209,7 +209,7 @@ def infer_depth(names: list[str] | set[str], name: str) -> int:
 
 
 def check_tensors(expected: dict[str, torch.Size], got: dict[str, torch.Tensor], name: str) -> None:
-    """Raise one CheckpointError listing every missing or mis-shaped tensor (name, expected, got)."""
+    """Raise one CheckpointError listing every missing, mis-shaped or non-finite tensor (pycls names)."""
     problems = []
     for k, shape in expected.items():
         if k.endswith("num_batches_tracked"):
@@ -220,5 +220,9 @@ def check_tensors(expected: dict[str, torch.Size], got: dict[str, torch.Tensor],
             problems.append(f"  {k}: expected {list(shape)}, got {list(got[k].shape)}")
         elif not got[k].is_floating_point():
             problems.append(f"  {k}: expected a floating-point tensor, got {got[k].dtype}")
+        elif not torch.isfinite(got[k]).all():
+            bad = int((~torch.isfinite(got[k])).sum())
+            problems.append(f"  {k}: {bad} NaN/inf values")
     if problems:
-        raise CheckpointError(f"{name}: {len(problems)} backbone/head tensors missing or mis-shaped:\n" + "\n".join(problems))
+        raise CheckpointError(f"{name}: {len(problems)} backbone/head tensors missing, mis-shaped or "
+                              "non-finite:\n" + "\n".join(problems))

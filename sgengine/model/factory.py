@@ -78,10 +78,10 @@ def load_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False,
         model = build_resnet_model(depth, relu_plus=relu_plus, whitening=whitening)
     model.name = f"resnet{depth}:{Path(name).name}"
     expected = {k: v.shape for k, v in model.state_dict().items()}
+    check_tensors({_checkpoint_key(k): shape for k, shape in expected.items()}, kept, name)
     as_model = {_model_key(k): v for k, v in kept.items()}
-    check_tensors(expected, as_model, name)
     state = {}
-    for k, shape in expected.items():
+    for k in expected:
         if k in as_model:
             t = as_model[k]
             state[k] = t.float().contiguous() if t.is_floating_point() else t.clone()
@@ -101,6 +101,10 @@ def load_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False,
 def _model_key(name: str) -> str:
     """Checkpoint name (unprefixed) -> SuperGlobalModel state-dict name: the backbone lives under `trunk.`."""
     return name if name.startswith("head.") else "trunk." + name
+
+
+def _checkpoint_key(name: str) -> str:
+    return name.removeprefix("trunk.")
 
 
 def default_model() -> SuperGlobalModel:
