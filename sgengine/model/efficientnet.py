@@ -53,12 +53,18 @@ EFFICIENTNET_LITE0_NORMALIZATION = Normalization(
 
 
 def same_pad(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
-    """TensorFlow SAME padding for a square kernel: output side ceil(i / stride)."""
+    """TensorFlow SAME padding for a square kernel: output side ceil(i / stride).
+
+    Written without ceil/max/branches on the input size: torch.export's symbolic shapes blow up
+    on those (the ONNX export of the default model ran for many minutes). For kernel >= stride,
+    (ceil(i/s) - 1) * s + k - i == k - s + (-i) mod s, which is never negative.
+    """
+    if stride == 1:  # total padding k - 1 whatever the size
+        p = kernel - 1
+        return F.pad(x, (p // 2, p - p // 2, p // 2, p - p // 2))
     ih, iw = x.shape[-2:]
-    ph = max((math.ceil(ih / stride) - 1) * stride + kernel - ih, 0)
-    pw = max((math.ceil(iw / stride) - 1) * stride + kernel - iw, 0)
-    if ph == 0 and pw == 0:
-        return x
+    ph = kernel - stride + (-ih) % stride
+    pw = kernel - stride + (-iw) % stride
     return F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
 
 
