@@ -26,25 +26,25 @@ VIEWS = ("crop_center", "crop_corner", "rotate_ccw", "rotate_cw", "jitter", "shr
 def _augment(img: Image.Image, view: str, rng: np.random.Generator) -> Image.Image:
     w, h = img.size
     if view == "crop_center":
-        f = rng.uniform(0.6, 0.75)
+        f = rng.uniform(0.45, 0.6)
         cw, ch = int(w * f), int(h * f)
         x0, y0 = (w - cw) // 2, (h - ch) // 2
         return img.crop((x0, y0, x0 + cw, y0 + ch))
     if view == "crop_corner":
-        f = rng.uniform(0.65, 0.8)
+        f = rng.uniform(0.5, 0.65)
         cw, ch = int(w * f), int(h * f)
         x0 = int(rng.integers(0, w - cw + 1))
         y0 = int(rng.integers(0, h - ch + 1))
         return img.crop((x0, y0, x0 + cw, y0 + ch))
     if view in ("rotate_ccw", "rotate_cw"):
-        angle = rng.uniform(8, 20) * (1 if view == "rotate_ccw" else -1)
+        angle = rng.uniform(15, 35) * (1 if view == "rotate_ccw" else -1)
         return img.rotate(angle, resample=Image.Resampling.BILINEAR, expand=False)
     if view == "jitter":
-        img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.7, 1.3))
-        img = ImageEnhance.Contrast(img).enhance(rng.uniform(0.7, 1.3))
-        return ImageEnhance.Color(img).enhance(rng.uniform(0.5, 1.5))
+        img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.5, 1.5))
+        img = ImageEnhance.Contrast(img).enhance(rng.uniform(0.5, 1.5))
+        return ImageEnhance.Color(img).enhance(rng.uniform(0.0, 1.6))
     if view == "shrink":
-        f = rng.uniform(0.5, 0.7)
+        f = rng.uniform(0.25, 0.4)
         return img.resize((int(w * f), int(h * f)), Image.Resampling.LANCZOS)
     if view == "enlarge":
         f = rng.uniform(1.3, 1.6)
