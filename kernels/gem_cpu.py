@@ -1,9 +1,11 @@
 """Pooling head on the CPU: the official module chain (for tests and benchmarks) and a fast path.
 
-    gem_pool_chain(fmap) -> [B, C] float32   R-GeM + GeM+ as the official code runs it, module by module
-    gem_pool_cpu(fmap)   -> [B, C] float32   the same numbers with a handful of passes over the map
+    gem_pool_chain(fmap)    -> [B, C] float32   R-GeM + GeM+ as the official code runs it, module by module
+    gem_pool_cpu(fmap)      -> [B, C] float32   the same numbers with a handful of torch passes over the map
+    gem_pool_native(fmap)   -> [B, C] float32   the fused C++ kernel (kernels/cpu/gem.cpp), one pass per plane
+    native_info()           -> dict             whether the C++ kernel is built here, and how it runs
 
-Both equal `gem_pool_reference` in sgengine/model/head.py (SPEC 3.3-3.4).
+All equal `gem_pool_reference` in sgengine/model/head.py (SPEC 3.3-3.4).
 """
 from __future__ import annotations
 
@@ -13,7 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sgengine.errors import InputError
+from sgengine.errors import BackendUnavailableError, InputError
+
+# The compiled kernel is optional: a source checkout without a build, or a wheel built with no
+# C++ compiler, keeps the torch fast path. The reason is kept for error messages and describe().
+try:
+    from . import _cpu as _native
+    _native_error: str | None = None
+except ImportError as e:  # not built, or built for another Python
+    _native = None
+    _native_error = f"{type(e).__name__}: {e}"
 
 RGEM_P = 2.5
 RGEM_SIZE = 5
@@ -165,4 +176,49 @@ def gem_pool_cpu(fmap: torch.Tensor, *, columns: str = "auto") -> torch.Tensor:
     return g.view(B, C)
 
 
-__all__ = ["gem_pool_chain", "gem_pool_cpu", "check_feature_map"]
+# ---------------------------------------------------------------------------------------------
+# The fused C++ kernel (sgengine.kernels._cpu, built by CMake from kernels/cpu/gem.cpp).
+def native_info() -> dict:
+    """{"available": bool, "isa": best instruction set, "isas": all usable, "threading": ..., "error": str|None}."""
+    if _native is None:
+        return {"available": False, "isa": None, "isas": (), "threading": None, "error": _native_error}
+    isas = tuple(_native.isas())
+    return {"available": True, "isa": isas[0], "isas": isas, "threading": _native.threading, "error": None}
+
+
+def gem_pool_native(fmap: torch.Tensor, *, threads: int | None = None, isa: str = "auto") -> torch.Tensor:
+    """R-GeM + GeM+ of a CPU [B, C, h, w] map -> [B, C] float32 with the fused C++ kernel.
+
+    float32 NCHW and channels-last maps are read in place (no layout copy); float16/bfloat16/
+    float64 are converted to float32 first (one pass, the same widening the torch path does);
+    other strides are made contiguous first. `threads` defaults to torch.get_num_threads();
+    `isa` ("auto", "avx512", "avx2", "baseline") pins the compiled variant (tests, benchmarks).
+    A plane holding NaN, inf or negative values is pooled by an exact scalar path, so NaN in the
+    map gives NaN in that output, as in the reference.
+    """
+    check_feature_map(fmap)
+    if _native is None:
+        raise BackendUnavailableError(
+            f"gem_pool_native: the C++ kernel sgengine.kernels._cpu is not built here ({_native_error}); "
+            f"rebuild with `pip install -e . --no-build-isolation --no-deps` (needs CMake and a C++17 compiler) "
+            f"or use the torch path (impl='cpu_torch')")
+    if fmap.device.type != "cpu":
+        raise BackendUnavailableError(f"gem_pool_native: the map is on {fmap.device}; the C++ kernel reads CPU memory "
+                                      f"(impl='cpu_torch' runs on any device)")
+    x = fmap.detach()
+    if x.dtype != torch.float32:
+        x = x.float()  # keeps channels-last; x^4.6 would overflow float16 above ~11
+    st = x.stride()
+    if st[3] != 1 and st[1] != 1:
+        x = x.contiguous()
+    B, C = x.shape[:2]
+    out = torch.empty(B, C, dtype=torch.float32)
+    if out.numel():
+        n = torch.get_num_threads() if threads is None else int(threads)
+        if n < 1:
+            raise InputError(f"gem_pool_native: threads must be >= 1, got {threads}")
+        _native.gem_pool(x.data_ptr(), list(x.shape), list(x.stride()), out.data_ptr(), n, isa)
+    return out
+
+
+__all__ = ["gem_pool_chain", "gem_pool_cpu", "gem_pool_native", "native_info", "check_feature_map"]

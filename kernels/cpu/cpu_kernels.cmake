@@ -1,0 +1,37 @@
+# Native CPU kernels: the Python extension sgengine.kernels._cpu (kernels/cpu/gem.cpp).
+# Included from the top-level CMakeLists.txt in wheel/editable builds and plain CMake builds alike
+# (a plain build compiles it as a check and installs it nowhere useful; it is harmless there).
+#
+# Flags, and why:
+# - -O3: the inner loops rely on GCC's vectorizer (-O2 before GCC 12 does not vectorize).
+# - -fno-math-errno: lets sqrt compile to one instruction instead of a libm call for errno's
+#   sake, which blocks vectorization. It changes no value: NaN and inf still propagate.
+# - -fno-trapping-math: lets the vectorizer if-convert the clamps and selects. Results are
+#   unchanged; only FP exception flags (which nothing reads) may differ.
+# - no -ffast-math (it would let the compiler assume NaN never occurs and drop the checks that
+#   route NaN planes to the exact path) and no -march: the kernel is built for the x86-64
+#   baseline, AVX2+FMA and AVX-512 from the same source and picked at run time
+#   (__builtin_cpu_supports), so one wheel runs on any x86-64 CPU.
+# - OpenMP when found: the extension then shares the OpenMP runtime torch already loaded
+#   (libgomp.so.1 by soname), so the two thread pools do not fight; else std::thread.
+pybind11_add_module(_cpu MODULE ${CMAKE_CURRENT_LIST_DIR}/gem.cpp)
+target_compile_features(_cpu PRIVATE cxx_std_17)
+if(CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
+  target_compile_options(_cpu PRIVATE -O3 -fno-math-errno -fno-trapping-math)
+elseif(MSVC)
+  target_compile_options(_cpu PRIVATE /O2)
+endif()
+
+find_package(OpenMP COMPONENTS CXX)
+if(OpenMP_CXX_FOUND)
+  target_link_libraries(_cpu PRIVATE OpenMP::OpenMP_CXX)
+  message(STATUS "sgengine: _cpu kernels with OpenMP ${OpenMP_CXX_VERSION}")
+else()
+  find_package(Threads REQUIRED)
+  target_link_libraries(_cpu PRIVATE Threads::Threads)
+  message(STATUS "sgengine: _cpu kernels with std::thread (OpenMP not found)")
+endif()
+
+if(SKBUILD)
+  install(TARGETS _cpu LIBRARY DESTINATION sgengine/kernels)
+endif()
