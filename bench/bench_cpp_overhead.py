@@ -1,7 +1,7 @@
 """What calling sgengine from C++ costs over calling it from Python: Engine::search_descriptor vs engine.search.
 
     cmake -S . -B build -DCMAKE_BUILD_TYPE=Release && cmake --build build
-    python bench/bench_cpp_overhead.py --build build [-n 2000] [-k 10] [--no-rerank]
+    python bench/bench_cpp_overhead.py --build build [-n 2000] [--repeats 3] [-k 10] [--no-rerank]
 
 Both sides search the same index with the same precomputed descriptor (so no backbone runs and
 the fixed per-call cost is visible), N times after a warm-up, in separate processes with the
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--no-rerank", action="store_true")
+    p.add_argument("--repeats", type=int, default=3, help="alternating rounds per side (default 3)")
     a = p.parse_args(argv)
     exe = a.build / "sgengine_bench_overhead"
     if not exe.exists():
@@ -65,20 +66,29 @@ def main(argv: list[str] | None = None) -> int:
     if not (fixture / "query.f32").exists():
         subprocess.run([sys.executable, str(HERE.parent / "tests" / "cpp" / "make_fixture.py"), str(fixture)], check=True)
     rerank = not a.no_rerank
-    # C++ first, then Python: each in its own process, so neither warms the other's caches.
-    cpp = cpp_side(exe, fixture, a.n, a.k, a.warmup, rerank)
-    py = subprocess.run([sys.executable, __file__, "--python-side", str(fixture), str(a.n), str(a.k), str(a.warmup),
-                         str(int(rerank))], check=True, capture_output=True, text=True).stdout
-    py = json.loads(py.strip().splitlines()[-1])
+    # Each side in its own process, alternating for --repeats rounds so that load from other
+    # processes on a shared machine drifts over both sides alike; the median of the rounds' medians
+    # is reported.
+    cpps, pys = [], []
+    for _ in range(a.repeats):
+        cpps.append(cpp_side(exe, fixture, a.n, a.k, a.warmup, rerank))
+        out = subprocess.run([sys.executable, __file__, "--python-side", str(fixture), str(a.n), str(a.k),
+                              str(a.warmup), str(int(rerank))], check=True, capture_output=True, text=True).stdout
+        pys.append(json.loads(out.strip().splitlines()[-1]))
+    cpp = {key: statistics.median(r[key] for r in cpps) for key in ("median_us", "median_outside_engine_us")}
+    py = {key: statistics.median(r[key] for r in pys) for key in ("median_us", "median_outside_engine_us")}
     sys.path.insert(0, str(HERE))
     from conftest import machine_name  # bench/conftest.py: one way of naming the machine everywhere
-    print(f"search_descriptor, k={a.k}, rerank={rerank}, {a.n} calls per side, index of "
+    print(f"search_descriptor, k={a.k}, rerank={rerank}, {a.repeats} x {a.n} calls per side, index of "
           f"{len(list((fixture / 'photos').iterdir()))} photos")
     print(f"{'side':<8} {'median call':>12} {'median outside engine':>22}")
     print(f"{'python':<8} {py['median_us']:>10.1f}us {py['median_outside_engine_us']:>20.1f}us")
     print(f"{'c++':<8} {cpp['median_us']:>10.1f}us {cpp['median_outside_engine_us']:>20.1f}us")
     print(f"{'c++ - py':<8} {cpp['median_us'] - py['median_us']:>10.1f}us "
           f"{cpp['median_outside_engine_us'] - py['median_outside_engine_us']:>20.1f}us")
+    print("rounds (median call / outside engine, us): python " +
+          ", ".join(f"{r['median_us']:.0f}/{r['median_outside_engine_us']:.1f}" for r in pys) +
+          "; c++ " + ", ".join(f"{r['median_us']:.0f}/{r['median_outside_engine_us']:.1f}" for r in cpps))
     print(f"machine: {machine_name()}")
     return 0
 
