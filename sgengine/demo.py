@@ -18,64 +18,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageEnhance
 
-VIEWS = ("crop_center", "crop_corner", "rotate_ccw", "rotate_cw", "jitter", "shrink", "enlarge", "mixed")
-
-
-def _augment(img: Image.Image, view: str, rng: np.random.Generator) -> Image.Image:
-    w, h = img.size
-    if view == "crop_center":
-        f = rng.uniform(0.45, 0.6)
-        cw, ch = int(w * f), int(h * f)
-        x0, y0 = (w - cw) // 2, (h - ch) // 2
-        return img.crop((x0, y0, x0 + cw, y0 + ch))
-    if view == "crop_corner":
-        f = rng.uniform(0.5, 0.65)
-        cw, ch = int(w * f), int(h * f)
-        x0 = int(rng.integers(0, w - cw + 1))
-        y0 = int(rng.integers(0, h - ch + 1))
-        return img.crop((x0, y0, x0 + cw, y0 + ch))
-    if view in ("rotate_ccw", "rotate_cw"):
-        angle = rng.uniform(15, 35) * (1 if view == "rotate_ccw" else -1)
-        return img.rotate(angle, resample=Image.Resampling.BILINEAR, expand=False)
-    if view == "jitter":
-        img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.5, 1.5))
-        img = ImageEnhance.Contrast(img).enhance(rng.uniform(0.5, 1.5))
-        return ImageEnhance.Color(img).enhance(rng.uniform(0.0, 1.6))
-    if view == "shrink":
-        f = rng.uniform(0.25, 0.4)
-        return img.resize((int(w * f), int(h * f)), Image.Resampling.LANCZOS)
-    if view == "enlarge":
-        f = rng.uniform(1.3, 1.6)
-        return img.resize((int(w * f), int(h * f)), Image.Resampling.BICUBIC)
-    if view == "mixed":
-        img = _augment(img, "crop_corner", rng)
-        img = _augment(img, "jitter", rng)
-        return _augment(img, "rotate_cw", rng)
-    raise ValueError(view)
-
-
-def make_photo_set(root: Path, views: tuple[str, ...] = VIEWS, seed: int = 0) -> tuple[dict[str, Path], Path]:
-    """Write queries/<photo>.jpg and database/<photo>/<view>.jpg under root; reuse files already there."""
-    from .photos import sample_photos
-    qdir, ddir = root / "queries", root / "database"
-    queries: dict[str, Path] = {}
-    for i, (name, rgb) in enumerate(sample_photos().items()):
-        rng = np.random.default_rng(seed + i)
-        img = Image.fromarray(rgb)
-        qpath = qdir / f"{name}.jpg"
-        if not qpath.exists():
-            qpath.parent.mkdir(parents=True, exist_ok=True)
-            img.save(qpath, quality=92)
-        queries[name] = qpath
-        for view in views:
-            vpath = ddir / name / f"{view}.jpg"
-            view_img = _augment(img, view, rng)  # always drawn, so the rng sequence is stable
-            if not vpath.exists():
-                vpath.parent.mkdir(parents=True, exist_ok=True)
-                view_img.convert("RGB").save(vpath, quality=90)
-    return queries, ddir
+from .photoset import VIEWS, _augment, make_photo_set  # noqa: F401  (the demo's set lives in photoset)
 
 
 def _html_report(path: Path, rows: list[tuple[str, Path, list[tuple[str, float, bool]]]], db_root: Path,
