@@ -38,7 +38,7 @@ SG_INLINE uint32_t as_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return
 // and then R^4.6 overflows too). a = 2^k m with m in [2/3, 4/3), found with integer ops only
 // (no select, so the vectorizer does not evaluate two tails); then ln m = 2 atanh(t),
 // t = (m-1)/(m+1) in [-0.2, 0.143], as t * g(t^2) with g a degree-3 fit (relative error
-// 2.4e-9, fitted near-minimax on [0, 0.04]; see the report of issue 3).
+// 2.4e-9; fitted near-minimax on [0, 0.04] by Lawson-reweighted least squares).
 SG_INLINE float fast_log2(float a) {
   const uint32_t b = as_bits(a);
   const int32_t k = static_cast<int32_t>(b - 0x3f2aaaabu) >> 23;  // arithmetic shift: floor
