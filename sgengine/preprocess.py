@@ -191,13 +191,13 @@ def load_image(source: ImageSource, *, name: str | None = None, color_order: str
     else:
         img = _open_pil(source, name)
     try:
-        transposed = ImageOps.exif_transpose(img)
+        orientation = img.getexif().get(0x0112, 1)
     except Exception:  # a broken EXIF block should not lose the picture
-        transposed = None
-        notes.append("EXIF orientation unreadable; used as stored")
-    if transposed is not None and transposed is not img:
-        notes.append("EXIF orientation applied")
-        img = transposed
+        orientation = 1
+        notes.append("EXIF block unreadable; used as stored")
+    if orientation not in (1, None):
+        img = ImageOps.exif_transpose(img)
+        notes.append(f"EXIF orientation {orientation} applied")
     original = (img.height, img.width)
     rgb = _pil_to_rgb8(img, name)
     if max_side is not None and max(original) > max_side:

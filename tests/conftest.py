@@ -39,3 +39,17 @@ def r50_checkpoint(tmp_path_factory, cvnet_state_dict) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "cvnet_r50.pth"
     torch.save({"model_state": keyed, "epoch": 7}, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def default_bundle(tmp_path_factory) -> Path:
+    """The built-in default model (EfficientNet-Lite0, real ImageNet weights) exported once per session.
+
+    Parity is checked on shrunk photos to keep the session short; tests/test_export.py checks it at
+    full size.
+    """
+    from sgengine.export import export_bundle
+    from sgengine.model import default_model
+    out = tmp_path_factory.mktemp("bundles") / "default"
+    export_bundle(default_model(), out, parity_max_side=160, progress=lambda *_: None)
+    return out
