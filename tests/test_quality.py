@@ -1,0 +1,67 @@
+"""Retrieval quality regression: bench/quality.py's benchmark on a CI-sized set, pinned to measured mAP.
+
+The default model (EfficientNet-Lite0, ImageNet weights) is exported to ONNX and run through the
+engine (ONNX Runtime backbone, pooling head, index search, SuperGlobal rerank) on real photos
+written as JPEG files: nothing here is mocked, so a change anywhere on the query path that moves
+retrieval quality (preprocessing, export, head, search, rerank, the photo set) moves these numbers.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "quality.py"
+
+# The CI-sized set: photos shrunk to 224 px on the long side, all 12 views, 3 other-side
+# distractors per query photo and 30 tiles: 14 queries, 168 positives, 72 distractors.
+SET = dict(max_side=224, region_distractors=3, distractors=30, seed=0)
+EXPECTED_SIZE = (14, 240)
+# Measured by running this test's code (run_quality on SET, K = 9, M = 400, beta = 0.15) on
+# 2026-11-27, AMD EPYC 2-core VM, torch 2.13.0+cpu, onnxruntime 1.32.0, Pillow 13.0.0,
+# numpy 2.4.6; mAP x 100. The tolerance allows JPEG/resampling differences between Pillow
+# versions and float summation order between ONNX Runtime builds: one of the 14 queries
+# losing ~20 AP points moves mAP by ~1.4.
+PINNED_GLOBAL = 88.10
+PINNED_RERANKED = 89.88
+TOLERANCE = 1.5
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("sgengine_bench_quality", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def quality(tmp_path_factory):
+    from sgengine.photoset import make_quality_set
+    bench = _load_bench()
+    root = tmp_path_factory.mktemp("quality")
+    # Parity is export's own test's business (test_export.py); here it would only add time.
+    bundle = bench.export_default(root / "bundle", check=False, progress=lambda s: None)
+    qset = make_quality_set(root / "photos", **SET)
+    return bench.run_quality(bundle, qset, Ks=(bench.K_DEFAULT,)), bench
+
+
+def test_quality_set_shape(quality):
+    result, _ = quality
+    assert (result.queries, result.database) == EXPECTED_SIZE, (
+        "the quality photo set changed size: re-measure the pinned mAP values")
+
+
+def test_global_map_pinned(quality):
+    result, _ = quality
+    print(result.table())
+    assert result.global_map == pytest.approx(PINNED_GLOBAL, abs=TOLERANCE), result.table()
+
+
+def test_reranked_map_pinned(quality):
+    result, bench = quality
+    assert result.reranked_map[bench.K_DEFAULT] == pytest.approx(PINNED_RERANKED, abs=TOLERANCE), result.table()
