@@ -27,7 +27,7 @@ import pytest
 import torch
 
 SHAPES = [(1, 2048, 32, 24), (8, 2048, 32, 24), (1, 2048, 45, 32), (8, 2048, 45, 32)]
-CPU_IMPLS = ["chain", "reference", "cpu"]
+CPU_IMPLS = ["chain", "reference", "cpu_torch", "native"]
 CUDA_IMPLS = ["chain", "reference", "cpu", "triton", "triton_scratch", "copy"]
 REPEAT = 20
 CPU_TARGET_S, CPU_MIN_ROUNDS, CPU_MAX_ROUNDS = 0.6, 3, 50
@@ -46,8 +46,11 @@ def _impl(name: str):
         return gem_pool_chain
     if name == "reference":
         return gem_pool_reference
-    if name == "cpu":
+    if name in ("cpu", "cpu_torch"):
         return gem_pool_cpu
+    if name == "native":
+        from sgengine.kernels.gem_cpu import gem_pool_native
+        return gem_pool_native
     if name == "copy":
         return lambda x: torch.empty_like(x).copy_(x)
     from sgengine.kernels.gem_triton import gem_pool_triton

@@ -161,7 +161,7 @@ class Engine:
             "bundle_fingerprint": self.bundle.fingerprint[:16],
             "device": str(self.device),
             "backend": self.backbone.describe(),
-            "head_impl": self.head_impl,
+            "head_impl": self._head_impl_detail(),
             "rerank_impl": self.rerank_impl,
             "precision": getattr(self.backbone, "precision", "fp32"),
             "scales": list(self.scales),
@@ -169,6 +169,12 @@ class Engine:
             "index": None if self.index is None else {
                 "path": str(self.index.path), "count": len(self.index), "dtype": self.index.dtype},
         }
+
+    def _head_impl_detail(self) -> str:
+        if self.head_impl != "cpu":
+            return self.head_impl
+        from .ops import cpu_path
+        return cpu_path(self.device)
 
     # ---------------------------------------------------------------- embedding
     def decode(self, source: Any, *, name: str | None = None, color_order: str = "RGB") -> DecodedImage:

@@ -52,7 +52,7 @@ def test_describe_names_what_runs(built):
     d = engine.describe()
     assert d["backend"]["name"] == "onnxruntime"
     assert "CPUExecutionProvider" in d["backend"]["providers"]
-    assert d["head_impl"] in ("cpu", "reference") and d["rerank_impl"] in ("cpu", "reference")
+    assert d["head_impl"] in ("cpu_native", "cpu_torch") and d["rerank_impl"] in ("cpu", "reference")
     assert d["index"]["count"] == 3 * len(NAMES) and d["dim"] == 1280
 
 
