@@ -82,13 +82,9 @@ def mini(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory):
-    from sgengine.export import main as export_main
-    out = tmp_path_factory.mktemp("bundle") / "default"
-    # The legacy tracer exports EfficientNet-Lite0 in seconds where torch.export takes minutes on
-    # 2 loaded cores; parity is the export suite's business, not this one's.
-    assert export_main(["--default", "-o", str(out), "--exporter", "legacy", "--no-check"]) == 0
-    return out
+def bundle_dir(default_bundle):
+    """The session's default-model bundle (tests/conftest.py): one export shared by every suite."""
+    return default_bundle
 
 
 ROW = re.compile(r"^(?P<label>.+?)\s*(?P<cells>(\|(\s+(\d+\.\d\d|n/a)){3}\s*){4})$")

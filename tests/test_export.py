@@ -167,7 +167,8 @@ def test_generic_torchscript_trunk_exports_with_torch_backend(tmp_path):
 
 def test_default_model_cli_end_to_end(tmp_path):
     out = tmp_path / "default"
-    proc = subprocess.run([sys.executable, "-m", "sgengine.export", "--default", "-o", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "sgengine.export", "--default", "-o", str(out),
+                           "--parity-max-side", "256"],
                           capture_output=True, text=True, timeout=300)
     print(proc.stdout, proc.stderr)
     assert proc.returncode == 0, proc.stdout + proc.stderr
