@@ -138,7 +138,8 @@ def draw_chart(data: dict, path: Path) -> Path:
     for i in range(ticks + 1):
         xv = left + span * i / ticks
         d.line([xv, y0, xv, y0 + 5], fill="black")
-        d.text((xv - 12, y0 + 8), f"{step * i:,g}", font=fs, fill="black")
+        label = f"{step * i:,g}"
+        d.text((xv - d.textlength(label, font=fs) / 2, y0 + 8), label, font=fs, fill="black")
     d.text((left + span + 26, y0 + 8), "ms", font=fs, fill="black")
     y0 += 40
     for i, s in enumerate(stages):
