@@ -44,14 +44,13 @@ def _load_bench():
 
 
 @pytest.fixture(scope="module")
-def quality(tmp_path_factory):
+def quality(tmp_path_factory, default_bundle):
+    """The benchmark's result on SET, with the session's default-model bundle (tests/conftest.py)."""
+    from sgengine.bundle import Bundle
     from sgengine.photoset import make_quality_set
     bench = _load_bench()
-    root = tmp_path_factory.mktemp("quality")
-    # Parity is export's own test's business (test_export.py); here it would only add time.
-    bundle = bench.export_default(root / "bundle", check=False, progress=lambda s: None)
-    qset = make_quality_set(root / "photos", **SET)
-    return bench.run_quality(bundle, qset, Ks=(bench.K_DEFAULT,)), bench
+    qset = make_quality_set(tmp_path_factory.mktemp("quality") / "photos", **SET)
+    return bench.run_quality(Bundle.load(default_bundle), qset, Ks=(bench.K_DEFAULT,)), bench
 
 
 def test_quality_set_shape(quality):
