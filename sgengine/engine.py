@@ -24,7 +24,7 @@ import torch
 
 from .bundle import Bundle
 from .backends import load_backbone
-from .errors import InputError
+from .errors import BackendUnavailableError, IndexMismatchError, InputError
 from .index import Index
 from .model.head import l2n, scale_gem_max
 from .preprocess import (DecodedImage, check_finite, describe_source, ensure_min_size, load_image,
@@ -129,21 +129,21 @@ class Engine:
         """
         b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         if device.startswith("cuda") and not torch.cuda.is_available():
-            from .errors import BackendUnavailableError
             raise BackendUnavailableError(f"device={device!r} asked for, but torch sees no CUDA GPU on this machine")
         bb = load_backbone(b, device=device, backend=backend, threads=threads)
         if threads is not None:
             torch.set_num_threads(threads)
         idx = None
         if index is not None:
-            idx = index if isinstance(index, Index) else Index.open(index, bundle_fingerprint=b.fingerprint)
-            if idx.bundle_fingerprint != b.fingerprint:
-                from .errors import IndexMismatchError
-                raise IndexMismatchError(
-                    f"index {idx.path} was built by bundle {idx.bundle_fingerprint[:12]}, not by {b.path} "
-                    f"({b.fingerprint[:12]}): rebuild the index with this bundle")
+            if isinstance(index, Index):
+                idx = index
+                if idx.bundle_fingerprint != b.fingerprint:  # Index.open checks this for paths
+                    raise IndexMismatchError(
+                        f"index {idx.path} was built by bundle {idx.bundle_fingerprint[:12]}, not by {b.path} "
+                        f"({b.fingerprint[:12]}): rebuild the index with this bundle")
+            else:
+                idx = Index.open(index, bundle_fingerprint=b.fingerprint)
             if idx.dim != b.dim:
-                from .errors import IndexMismatchError
                 raise IndexMismatchError(f"index {idx.path} holds {idx.dim}-d descriptors; bundle {b.path} makes {b.dim}-d")
         return cls(b, bb, idx, device=device, head_impl=_resolve_impl(head_impl, device),
                    rerank_impl=_resolve_impl(rerank_impl, device),
