@@ -23,6 +23,9 @@ def _cmd_index_build(a) -> int:
                       commit_every=a.commit_every, progress=not a.quiet)
     print(f"indexed {rep.added} new image(s), skipped {rep.skipped} already in {a.output}, "
           f"{len(rep.failed)} unreadable, of {rep.total} found")
+    if rep.notes:
+        print(f"{len(rep.notes)} image(s) adjusted (capped or upscaled, see docs): "
+              + ", ".join(sorted({rel for rel, _ in rep.notes})[:10]) + (" ..." if len(rep.notes) > 10 else ""))
     if rep.failed:
         print("unreadable files (not indexed):")
         for rel, why in rep.failed:

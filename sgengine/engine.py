@@ -24,9 +24,11 @@ import torch
 
 from .bundle import Bundle
 from .backends import load_backbone
-from .errors import BackendUnavailableError, IndexMismatchError, InputError
+from .errors import BackendUnavailableError, BundleError, IndexMismatchError, InputError
 from .index import Index
-from .model.head import l2n, scale_gem_max
+from .model.head import HeadConfig, l2n, scale_gem_max
+
+_FUSED_HEAD_FIELDS = ("rgem_p", "rgem_size", "rgem_mix", "gemp_p", "gemp_eps")
 from .preprocess import (DecodedImage, check_finite, describe_source, ensure_min_size, load_image,
                          resize_for_scale, to_tensor)
 
@@ -79,22 +81,27 @@ def _is_descriptor_input(query: Any) -> bool:
     return isinstance(query, np.ndarray) and np.issubdtype(query.dtype, np.floating)
 
 
-IMPLS = ("auto", "triton", "cpu", "reference")
+def _resolve_impls(head_impl: str, rerank_impl: str, device: torch.device) -> tuple[str, str]:
+    """Fix the kernel choices at load time, so describe() shows what runs and a kernel that cannot
+    run here fails now rather than on every search."""
+    from .ops import cpu_path, resolve_impl as resolve_head
+    from .rerank import resolve_impl as resolve_rerank
+    head = resolve_head(head_impl, device)
+    if head == "cpu":
+        head = cpu_path(device)
+    return head, resolve_rerank(rerank_impl, device)
 
 
-def _resolve_impl(impl: str, device: str) -> str:
-    """Fix a kernel choice at load time so describe() shows what really runs."""
-    if impl not in IMPLS:
-        raise InputError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl != "auto":
-        return impl
-    if device.startswith("cuda"):
-        try:
-            import triton  # noqa: F401
-            return "triton"
-        except ImportError:
-            return "cpu"  # the vectorized torch paths run on CUDA tensors too
-    return "cpu"
+def _parse_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailableError(f"device={device!r} asked for, but torch sees no CUDA GPU on this machine")
+    return dev
 
 
 class Engine:
@@ -127,9 +134,15 @@ class Engine:
         sgengine.backends). head_impl / rerank_impl: "auto", "triton", "cpu" or "reference".
         max_side: long-side cap for decoded images (default: the bundle's, 2048).
         """
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise InputError(f"threads must be a positive integer, got {threads!r}")
+        dev = _parse_device(device)
         b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise BackendUnavailableError(f"device={device!r} asked for, but torch sees no CUDA GPU on this machine")
+        if any(getattr(b.head_config, f) != getattr(HeadConfig(), f) for f in _FUSED_HEAD_FIELDS):
+            # The fused head kernels implement SPEC 3's constants; only the scales are free.
+            raise BundleError(f"{b.path}: head parameters {b.head_config} differ from SPEC 3's (R-GeM p=2.5, 5x5, "
+                              "mix 0.5; GeM+ p=4.6, eps 1e-8), which the engine's head kernels implement")
+        head, rerank = _resolve_impls(head_impl, rerank_impl, dev)
         bb = load_backbone(b, device=device, backend=backend, threads=threads)
         if threads is not None:
             torch.set_num_threads(threads)
@@ -145,8 +158,7 @@ class Engine:
                 idx = Index.open(index, bundle_fingerprint=b.fingerprint)
             if idx.dim != b.dim:
                 raise IndexMismatchError(f"index {idx.path} holds {idx.dim}-d descriptors; bundle {b.path} makes {b.dim}-d")
-        return cls(b, bb, idx, device=device, head_impl=_resolve_impl(head_impl, device),
-                   rerank_impl=_resolve_impl(rerank_impl, device),
+        return cls(b, bb, idx, device=device, head_impl=head, rerank_impl=rerank,
                    max_side=max_side if max_side is not None else b.max_side)
 
     def describe(self) -> dict:
@@ -161,7 +173,7 @@ class Engine:
             "bundle_fingerprint": self.bundle.fingerprint[:16],
             "device": str(self.device),
             "backend": self.backbone.describe(),
-            "head_impl": self._head_impl_detail(),
+            "head_impl": self.head_impl,
             "rerank_impl": self.rerank_impl,
             "precision": getattr(self.backbone, "precision", "fp32"),
             "scales": list(self.scales),
@@ -169,12 +181,6 @@ class Engine:
             "index": None if self.index is None else {
                 "path": str(self.index.path), "count": len(self.index), "dtype": self.index.dtype},
         }
-
-    def _head_impl_detail(self) -> str:
-        if self.head_impl != "cpu":
-            return self.head_impl
-        from .ops import cpu_path
-        return cpu_path(self.device)
 
     # ---------------------------------------------------------------- embedding
     def decode(self, source: Any, *, name: str | None = None, color_order: str = "RGB") -> DecodedImage:
@@ -216,7 +222,7 @@ class Engine:
         for i, im in enumerate(images):
             t0 = time.perf_counter()
             x = to_tensor(im.bgr, self.normalization)
-            x, note = ensure_min_size(x, self.min_side)
+            x, note = ensure_min_size(x, self.min_side, max_side=self.max_side)
             if note:
                 notes[i].append(note)
             tensors[i] = x
@@ -226,9 +232,13 @@ class Engine:
             for start in range(0, len(members), batch_size):
                 chunk = members[start:start + batch_size]
                 x = torch.cat([tensors[i] for i in chunk]).to(self.device)
-                d = self._embed_tensor(x, timer)
+                try:
+                    d = self._embed_tensor(x, timer)
+                    check_finite(d, "descriptors")
+                except InputError as e:  # NaN/inf features: say which images, not which batch slot
+                    names = ", ".join(images[i].name for i in chunk)
+                    raise InputError(f"{names}: {e}") from e
                 out[chunk] = d.float().cpu()
-        check_finite(out, "descriptors")
         return out.numpy(), notes
 
     def embed(self, inputs: Any, *, color_order: str = "RGB", batch_size: int = 8, progress: bool = False) -> np.ndarray:
@@ -274,12 +284,11 @@ class Engine:
             raise InputError(f"index {self.index.path} is empty: add images first (sgengine index build)")
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k <= 0:
             raise InputError(f"k must be a positive integer, got {k!r}")
+        from .rerank import _check_beta, _check_int
         d = self.bundle.rerank_defaults
-        M = int(d["M"] if M is None else M)
-        K = int(d["K"] if K is None else K)
-        beta = float(d["beta"] if beta is None else beta)
-        if M <= 0 or K < 0:
-            raise InputError(f"rerank needs M >= 1 and K >= 0 (got M={M}, K={K})")
+        M = _check_int(d["M"] if M is None else M, "M", 1)
+        K = _check_int(d["K"] if K is None else K, "K", 0)
+        beta = _check_beta(d["beta"] if beta is None else beta)
         timer = _Timer()
         notes: list[str] = []
         t_start = time.perf_counter()

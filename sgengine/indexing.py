@@ -18,6 +18,7 @@ class BuildReport:
     added: int = 0
     skipped: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (id, reason)
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (id, what was adjusted: capped, upscaled)
     total: int = 0
 
 
@@ -43,6 +44,8 @@ def build_index(engine, folder: str | os.PathLike, index_path: str | os.PathLike
     so an interrupted build resumes where its last commit left off; every `commit_every` images are
     committed as one segment. Unreadable files are collected in the report, never fatal.
     """
+    if isinstance(commit_every, bool) or not isinstance(commit_every, int) or commit_every < 1:
+        raise InputError(f"commit_every must be a positive integer, got {commit_every!r}")
     root = Path(folder)
     files = list_images(root)
     path = Path(index_path)
@@ -72,8 +75,25 @@ def build_index(engine, folder: str | os.PathLike, index_path: str | os.PathLike
             except SgengineError as e:
                 report.failed.append((rel, str(e)))
         if decoded:
-            desc, _ = engine.embed_decoded(decoded, batch_size=batch_size)
-            index.add(desc, ids)
+            try:
+                desc, notes = engine.embed_decoded(decoded, batch_size=batch_size)
+            except InputError:
+                # One image with non-finite features: embed the chunk one by one so only it is lost.
+                desc, notes, keep = [], [], []
+                for im, rel in zip(decoded, ids):
+                    try:
+                        d1, n1 = engine.embed_decoded([im], batch_size=1)
+                    except InputError as e:
+                        report.failed.append((rel, str(e)))
+                        continue
+                    desc.append(d1)
+                    notes += n1
+                    keep.append(rel)
+                ids = keep
+                desc = np.concatenate(desc) if desc else np.empty((0, engine.dim), np.float32)
+            report.notes += [(rel, n) for rel, ns in zip(ids, notes) for n in ns]
+            if ids:
+                index.add(desc, ids)
             report.added += len(ids)
         if bar is not None:
             bar.update(len(chunk))

@@ -258,18 +258,26 @@ def min_input_side(stride: int, scales: Sequence[float], min_cells: int = 3) -> 
         side += 1
 
 
-def ensure_min_size(x: torch.Tensor, min_side: int) -> tuple[torch.Tensor, str | None]:
-    """SPEC 9: upscale a too-small normalized image (aspect ratio kept) so every scale's map is >= 3x3.
+def ensure_min_size(x: torch.Tensor, min_side: int, max_side: int | None = None) -> tuple[torch.Tensor, str | None]:
+    """SPEC 9: upscale a too-small normalized image so every scale's map is >= 3x3.
 
-    Returns the tensor and a note saying what was done (None when nothing was).
+    The aspect ratio is kept while the long side stays within max_side; an image too thin for that
+    (say 1x2048) is upscaled to max_side on its long side and its short side is then stretched to
+    min_side. Returns the tensor and a note saying what was done (None when nothing was).
     """
     h, w = x.shape[-2:]
     if h >= min_side and w >= min_side:
         return x, None
     f = max(min_side / h, min_side / w)
-    nh, nw = max(min_side, math.ceil(h * f)), max(min_side, math.ceil(w * f))
+    if max_side is not None:
+        f = min(f, max(1.0, max_side / max(h, w)))
+    nh, nw = max(h, math.ceil(h * f)), max(w, math.ceil(w * f))
+    note = f"upscaled {w}x{h} -> "
+    if nh < min_side or nw < min_side:
+        nh, nw = max(nh, min_side), max(nw, min_side)
+        note = f"upscaled and stretched (aspect ratio changed) {w}x{h} -> "
     y = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=False)
-    return y, f"upscaled {w}x{h} -> {nw}x{nh} so the smallest scale gives a >= 3x3 feature map"
+    return y, note + f"{nw}x{nh} so the smallest scale gives a >= 3x3 feature map"
 
 
 def check_finite(x: torch.Tensor | np.ndarray, name: str) -> None:

@@ -17,8 +17,8 @@ import sgengine
 from sgengine import Engine, Index
 from sgengine.compare import assert_rankings_agree
 from sgengine.errors import ImageDecodeError, IndexMismatchError, InputError
-from sgengine.model.head import l2n, scale_gem_max
-from sgengine.preprocess import load_image, resize_for_scale, to_tensor
+from sgengine.preprocess import load_image, to_tensor
+from sgengine.rerank import rerank_loop_chain
 
 NAMES = ("astronaut", "coffee", "chelsea", "rocket", "china", "flower")
 
@@ -94,12 +94,15 @@ def test_search_finds_the_views_and_rerank_follows_spec(built, photo_dir):
     assert {i.split("/")[0] for i in res.ids[:3]} == {"coffee"}
     for stage in ("decode", "backbone@0.7071", "backbone@1", "backbone@1.4142", "head", "search", "rerank", "total"):
         assert stage in res.timings and res.timings[stage] >= 0
-    # the engine's rerank equals the public function over the same stored descriptors
+    # the engine's order is SPEC 6's: the float64 loop-per-query transcription over the same
+    # first-stage candidates (an independent path from the fast kernel the engine dispatches to)
     q = engine.embed(photo_dir / "coffee" / "full.jpg")
-    X = engine.index.vectors().astype(np.float32)
-    ids, scores = sgengine.superglobal_rerank(q, X, M=400, K=9, beta=0.15, k=len(X))
+    X = engine.index.vectors().astype(np.float64)
+    first = np.argsort(-(X @ q[0].astype(np.float64)), kind="stable")
+    o64, s64 = rerank_loop_chain(torch.from_numpy(q).double(), torch.from_numpy(X[first])[None], 9, 0.15)
     full = engine.search(q, k=len(X))
-    assert_rankings_agree(ids, scores, full.rows, full.scores, truncated=False)
+    assert_rankings_agree(first[o64.numpy()], s64.numpy(), full.rows, full.scores, rtol=0, atol=1e-5,
+                          truncated=False)
 
 
 def test_batches_and_descriptors(built, photo_dir):
@@ -183,10 +186,7 @@ def test_odd_image_modes_are_converted(built, tmp_path, photos):
     descs = {name: engine.embed(tmp_path / name)[0] for name in variants}
     base = engine.embed(rgb)[0]
     assert float(descs["rgba.png"] @ base) > 0.999  # alpha dropped, colour kept
-    # palette and CMYK files: the same pixels as Pillow's own RGB conversion of what was stored
-    for name in ("palette.png", "cmyk.jpg"):
-        want = engine.embed(np.asarray(Image.open(tmp_path / name).convert("RGB")))[0]
-        assert float(descs[name] @ want) > 0.99999, name
+    assert float(descs["palette.png"] @ base) > 0.8 and float(descs["cmyk.jpg"] @ base) > 0.9  # same picture
     assert np.allclose(descs["grey16.png"], descs["grey.png"], atol=1e-5)  # 16-bit keeps the high byte
     # EXIF orientation 6 (rotate 90 CW to display) must give the upright picture's descriptor
     upright = img.transpose(Image.Transpose.ROTATE_270)
@@ -198,10 +198,29 @@ def test_odd_image_modes_are_converted(built, tmp_path, photos):
     assert float(d_exif @ d_up) > 0.995
 
 
+def test_decoded_pixels_of_odd_modes():
+    """Known pixels through each conversion, in BGR order (SPEC 1.1)."""
+    pal = Image.new("P", (4, 3))
+    pal.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)  # index 0 red, 1 blue
+    pal.putpixel((1, 1), 1)
+    bgr = load_image(pal).bgr
+    assert bgr[0, 0].tolist() == [0, 0, 255] and bgr[1, 1].tolist() == [255, 0, 0]
+    cmyk = Image.new("CMYK", (2, 2), (255, 0, 0, 0))  # pure cyan
+    assert load_image(cmyk).bgr[0, 0].tolist() == [255, 255, 0]
+    rgba = Image.new("RGBA", (2, 2), (10, 20, 30, 0))  # fully transparent: alpha dropped, colour kept
+    assert load_image(rgba).bgr[0, 0].tolist() == [30, 20, 10]
+    grey16 = Image.fromarray(np.full((2, 2), 0xABCD, np.uint16))
+    assert load_image(grey16).bgr[0, 0].tolist() == [0xAB] * 3
+    assert load_image(np.full((2, 2), 77, np.uint8)).bgr.shape == (2, 2, 3)
+
+
 def test_tiny_and_huge_images(built, tmp_path):
     engine, _ = built
-    for shape in [(1, 1, 3), (2, 7, 3), (5, 300, 3), (91, 91, 3)]:
-        d = engine.embed(np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8))
+    for shape in [(1, 1, 3), (2, 7, 3), (5, 300, 3), (91, 91, 3), (1, 2048, 3)]:
+        img = np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8)
+        res = engine.search(img, k=1, rerank=False)
+        assert any("upscaled" in n for n in res.notes), (shape, res.notes)
+        d = engine.embed(img)
         assert np.isfinite(d).all() and abs(np.linalg.norm(d) - 1) < 1e-5
     dec = engine.decode(np.zeros((3000, 5000, 3), np.uint8))
     assert max(dec.bgr.shape[:2]) == engine.max_side == 2048 and any("capped" in n for n in dec.notes)
@@ -226,6 +245,20 @@ def test_empty_index_and_no_index(default_bundle, tmp_path):
     engine = Engine.load(default_bundle, index=tmp_path / "empty")
     with pytest.raises(InputError, match="empty"):
         engine.search(np.zeros((20, 20, 3), np.uint8), k=1)
+
+
+def test_bad_engine_arguments(built, default_bundle):
+    engine, _ = built
+    with pytest.raises(InputError, match="threads"):
+        Engine.load(default_bundle, threads=0)
+    with pytest.raises(InputError, match="device"):
+        Engine.load(default_bundle, device="gpu")
+    with pytest.raises(InputError, match="impl"):
+        Engine.load(default_bundle, head_impl="fastest")
+    d = engine.embed(np.zeros((64, 64, 3), np.uint8))
+    for kw, word in [({"M": "x"}, "M"), ({"M": 0}, "M"), ({"K": -1}, "K"), ({"beta": float("nan")}, "beta")]:
+        with pytest.raises(InputError, match=word):
+            engine.search(d, k=3, **kw)
 
 
 def test_cuda_request_without_gpu_is_an_error(default_bundle):
