@@ -73,6 +73,7 @@ _MANIFEST = "manifest.json"
 _MANIFEST_TMP = "manifest.json.tmp"
 _LOCK = "index.lock"
 _SEGDIR = "segments"
+HOST_FLOAT32_CACHE_BYTES = 1 << 30  # float16 indexes up to this size (as float32) are searched from a float32 copy
 _SEG_RE = re.compile(r"^segments/seg-(\d{6,})\.npy$")
 _CRASH_ENV = "SGENGINE_INDEX_CRASH_AT"
 _CRASH_POINTS = ("after-segment", "before-manifest", "after-manifest")
@@ -284,6 +285,7 @@ class Index:
         self._row_of: dict[str, int] | None = None
         self._concat: np.ndarray | None = None
         self._device_rows: dict[str, torch.Tensor] = {}
+        self._host_f32: np.ndarray | None = None
 
     # ------------------------------------------------------------ properties
     @property
@@ -373,9 +375,20 @@ class Index:
         q = self._check_queries(queries)
         if device is not None:
             q = q.to(device)
-        db = self.vectors() if q.device.type == "cpu" else self._on_device(q.device)
+        db = self._host_rows() if q.device.type == "cpu" else self._on_device(q.device)
         scores, rows = topk_similarity(q, db, min(int(k), n), impl=impl)
         return scores.cpu().numpy(), rows.cpu().numpy()
+
+    def _host_rows(self) -> np.ndarray:
+        """Rows for a CPU search. float16 rows up to HOST_FLOAT32_CACHE_BYTES as float32 are
+        converted once and kept: converting them on every query cost 33 ms at 5,000 x 2048 (2-core
+        EPYC), against ~1 ms for the product itself. Larger float16 indexes stream in chunks."""
+        rows = self.vectors()
+        if rows.dtype != np.float16 or rows.shape[0] * rows.shape[1] * 4 > HOST_FLOAT32_CACHE_BYTES:
+            return rows
+        if self._host_f32 is None:
+            self._host_f32 = rows.astype(np.float32)
+        return self._host_f32
 
     def _on_device(self, device: torch.device) -> torch.Tensor:
         # Streaming a memmap to the GPU on every query would cost a full host->device copy of
@@ -476,6 +489,7 @@ class Index:
                 self._row_of.update((s, start + i) for i, s in enumerate(ids))
             self._concat = None
             self._device_rows = {}
+            self._host_f32 = None
 
     def compact(self) -> None:
         """Merge all segments into one (streamed, committed like an add); old files are then deleted."""
