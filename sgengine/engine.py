@@ -318,17 +318,20 @@ class Engine:
         scores, rows = self.index.search(q.numpy(), max(k, m_eff), device=self.device)
         timer.add("search", t0)
         if rerank and len(q):
-            from .rerank import rerank_candidates
+            from .rerank import rerank_first_stage
+
+            def gather(top: torch.Tensor) -> torch.Tensor:
+                t0 = time.perf_counter()
+                Y = torch.from_numpy(self.index.gather(top.numpy())).to(self.device)
+                timer.add("gather", t0)
+                return Y
+
             t0 = time.perf_counter()
-            top = rows[:, :m_eff]
-            Y = torch.from_numpy(self.index.gather(top)).to(self.device)
-            timer.add("gather", t0)
-            t0 = time.perf_counter()
-            order, f = rerank_candidates(q.to(self.device), Y, K=K, beta=beta, impl=self.rerank_impl)
-            order, f = order.cpu().numpy(), f.cpu().numpy()
-            rows = np.concatenate([np.take_along_axis(top, order, axis=1), rows[:, m_eff:]], axis=1)
-            scores = np.concatenate([f, scores[:, m_eff:]], axis=1)
+            r, s = rerank_first_stage(q.to(self.device), torch.from_numpy(scores), torch.from_numpy(rows), gather,
+                                      m_eff, K, beta, self.rerank_impl)
+            rows, scores = r.numpy(), s.numpy()
             timer.add("rerank", t0)
+            timer.ms["rerank"] -= timer.ms.get("gather", 0.0)  # gather is its own stage
         rows, scores = rows[:, :k], scores[:, :k].astype(np.float32)
         all_ids = self.index.ids
         ids = [[all_ids[r] for r in row] for row in rows]

@@ -309,13 +309,25 @@ def superglobal_rerank(queries, database, *, M: int = 400, K: int = 9, beta: flo
         i, j = (int(t) for t in torch.nonzero(bad)[0])
         raise InputError(f"database row {int(rows[i, j])} contains NaN or inf (its similarity to query {i} "
                          f"is {float(first_s[i, j])}): descriptors must be finite")
-    top = rows[:, :Mp]
-    # Gather only the candidates (nq * M' rows), never the database; a CPU/memmap database
-    # with CUDA queries moves just these rows.
-    Y = db.index_select(0, top.reshape(-1).to(db.device)).to(device=device, dtype=torch.float32)
-    Y = Y.view(nq, Mp, D)
-    order, f = _run(q, Y, K, beta, impl)
+    def gather(top: torch.Tensor) -> torch.Tensor:
+        # Only the candidates (nq * M' rows), never the database; a CPU/memmap database with
+        # CUDA queries moves just these rows.
+        Y = db.index_select(0, top.reshape(-1).to(db.device)).to(device=device, dtype=torch.float32)
+        return Y.view(nq, Mp, D)
+
+    ids, scores = rerank_first_stage(q, first_s, rows, gather, Mp, K, beta, impl)
+    return out(ids[:, :kk].to(torch.int64), scores[:, :kk].to(torch.float32))
+
+
+def rerank_first_stage(q: torch.Tensor, first_scores: torch.Tensor, rows: torch.Tensor, gather, m: int, K: int,
+                       beta: float, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Rerank the first m columns of a first-stage result (SPEC 6.8): the m candidates in final
+    order with their final scores, then every later column in first-stage order with its
+    first-stage score. `gather(top [nq, m] rows) -> Y [nq, m, D]` float32 on q's device.
+    The one place the engine and superglobal_rerank turn a first stage into a final ranking."""
+    top = rows[:, :m]
+    order, f = _run(q, gather(top), K, beta, impl)
     _check_output(f, "database rows among the candidates")
-    ids = torch.cat([torch.gather(top, 1, order.to(top.device)), rows[:, Mp:]], dim=1)[:, :kk]
-    scores = torch.cat([f.to(first_s.device), first_s[:, Mp:]], dim=1)[:, :kk]
-    return out(ids.to(torch.int64), scores.to(torch.float32))
+    ids = torch.cat([torch.gather(top, 1, order.to(top.device)), rows[:, m:]], dim=1)
+    scores = torch.cat([f.to(first_scores.device), first_scores[:, m:].to(torch.float32)], dim=1)
+    return ids, scores
