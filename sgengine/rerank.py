@@ -250,30 +250,9 @@ def superglobal_rerank(queries, database, *, M: int = 400, K: int = 9, beta: flo
     output (a row scoring -inf for every query is never returned and is not reported).
     """
     as_numpy = isinstance(queries, np.ndarray)
-    if not as_numpy and not isinstance(queries, torch.Tensor):
-        raise InputError(f"queries must be a numpy array or torch.Tensor [nq, D], got {type(queries).__name__}")
-    q = torch.from_numpy(np.ascontiguousarray(queries)) if as_numpy else queries
-    if q.ndim != 2:
-        raise InputError(f"queries must be 2-D [nq, D], got shape {list(q.shape)}")
-    if not q.is_floating_point():
-        raise InputError(f"queries must be floating point, got {q.dtype}")
-    if isinstance(database, np.ndarray):
-        import warnings
-        with warnings.catch_warnings():
-            # A read-only memmap is only ever read here.
-            warnings.filterwarnings("ignore", message=".*not writable.*")
-            db = torch.from_numpy(database)
-    elif isinstance(database, torch.Tensor):
-        db = database
-    else:
-        raise InputError(f"database must be a numpy array or torch.Tensor [N, D], got {type(database).__name__}")
-    if db.ndim != 2:
-        raise InputError(f"database must be 2-D [N, D], got shape {list(db.shape)}")
-    if not db.is_floating_point():
-        raise InputError(f"database must be floating point (float32 or float16), got {db.dtype}")
+    from .search import check_queries_and_database, topk_similarity
+    q, db = check_queries_and_database(queries, database)
     N, D = db.shape
-    if q.shape[1] != D:
-        raise InputError(f"queries have dimension {q.shape[1]} but the database rows have {D}")
     if N == 0:
         raise InputError("database is empty: nothing to rank")
     M = _check_int(M, "M", 1)
@@ -302,7 +281,6 @@ def superglobal_rerank(queries, database, *, M: int = 400, K: int = 9, beta: flo
         return out(torch.empty(0, kk, dtype=torch.int64, device=device),
                    torch.empty(0, kk, dtype=torch.float32, device=device))
 
-    from .search import topk_similarity
     first_s, rows = topk_similarity(q, db, max(kk, Mp))
     bad = ~torch.isfinite(first_s)
     if bool(bad.any()):

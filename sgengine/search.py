@@ -114,7 +114,28 @@ def _as_tensor(database) -> torch.Tensor:
             # prove that, not because anything is wrong.
             warnings.filterwarnings("ignore", message=".*not writable.*")
             return torch.from_numpy(database)
-    raise InputError(f"database must be a torch.Tensor or numpy array, got {type(database).__name__}")
+    raise InputError(f"database must be a numpy array or torch.Tensor [N, D], got {type(database).__name__}")
+
+
+def check_queries_and_database(queries, database) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries [nq, D] and database [N, D] as floating tensors of one dimension (numpy used in
+    place), or an InputError naming which argument is wrong. Shared by every ranking entry point."""
+    if isinstance(queries, np.ndarray):
+        queries = torch.from_numpy(np.ascontiguousarray(queries))
+    if not isinstance(queries, torch.Tensor):
+        raise InputError(f"queries must be a numpy array or torch.Tensor [nq, D], got {type(queries).__name__}")
+    if queries.ndim != 2:
+        raise InputError(f"queries must be 2-D [nq, D], got shape {list(queries.shape)}")
+    if not queries.is_floating_point():
+        raise InputError(f"queries must be floating point, got {queries.dtype}")
+    db = _as_tensor(database)
+    if db.ndim != 2:
+        raise InputError(f"database must be 2-D [N, D], got shape {list(db.shape)}")
+    if not db.is_floating_point():
+        raise InputError(f"database must be floating point (float32 or float16), got {db.dtype}")
+    if queries.shape[1] != db.shape[1]:
+        raise InputError(f"queries have dimension {queries.shape[1]} but the database rows have {db.shape[1]}")
+    return queries, db
 
 
 @torch.no_grad()
@@ -131,22 +152,8 @@ def topk_similarity(queries: torch.Tensor, database: torch.Tensor | np.ndarray, 
     impl="auto" chooses with `resolve_impl`. 1 <= k <= N. Among exactly equal scores the order
     is unspecified (SPEC 6, ties).
     """
-    if isinstance(queries, np.ndarray):
-        queries = torch.from_numpy(np.ascontiguousarray(queries))
-    if not isinstance(queries, torch.Tensor):
-        raise InputError(f"queries must be a torch.Tensor [nq, D], got {type(queries).__name__}")
-    if queries.ndim != 2:
-        raise InputError(f"queries must be 2-D [nq, D], got shape {list(queries.shape)}")
-    if not queries.is_floating_point():
-        raise InputError(f"queries must be floating point, got {queries.dtype}")
-    db = _as_tensor(database)
-    if db.ndim != 2:
-        raise InputError(f"database must be 2-D [N, D], got shape {list(db.shape)}")
-    if not db.is_floating_point():
-        raise InputError(f"database must be floating point (float32 or float16), got {db.dtype}")
+    queries, db = check_queries_and_database(queries, database)
     n, dim = db.shape
-    if queries.shape[1] != dim:
-        raise InputError(f"queries have dimension {queries.shape[1]} but the database rows have {dim}")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise InputError(f"k must be an integer, got {k!r}")
     k = int(k)
