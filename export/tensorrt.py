@@ -51,15 +51,17 @@ def profile_shapes(min_side: int, max_side: int, scales: Sequence[float], max_ba
     return {"min": [1, 3, lo, lo], "opt": [1, 3, opt, opt], "max": [max_batch, 3, hi, hi]}
 
 
-def build_plan(onnx_path: str | Path, out_dir: str | Path, *, min_side: int, max_side: int,
-               scales: Sequence[float], fp16: bool = False, max_batch: int = MAX_BATCH,
-               workspace_gib: float = 4.0, input_name: str = "image",
-               progress: Callable[[str], None] = print) -> dict:
-    """Build and write a serialized plan for the current GPU. Returns its manifest entry.
+def build_serialized(onnx_path: str | Path, *, shapes: dict, precision: str = "fp32", workspace_gib: float = 4.0,
+                     input_name: str = "image", progress: Callable[[str], None] = print) -> tuple[bytes, str]:
+    """Build a serialized plan for the current GPU from backbone.onnx; returns (bytes, precision built).
 
-    fp32 by default (fidelity mode: TF32 is switched off too); fp16=True is opt-in.
+    precision: "fp32" (fidelity mode: TF32 switched off too), "fp16" or "bf16" (opt-in; TensorRT
+    keeps fp32 accumulation in its fp16/bf16 convolution and reduction kernels, and the graph's
+    output stays float32). shapes: {"min", "opt", "max"} input shapes ([B, 3, H, W]).
     Raises RuntimeError with the reason when TensorRT or the GPU is missing or the build fails.
     """
+    if precision not in ("fp32", "fp16", "bf16"):
+        raise ValueError(f"precision must be 'fp32', 'fp16' or 'bf16', got {precision!r}")
     reason = tensorrt_unavailable_reason()
     if reason:
         raise RuntimeError(f"TensorRT plan not built: {reason}")
@@ -79,16 +81,14 @@ def build_plan(onnx_path: str | Path, out_dir: str | Path, *, min_side: int, max
         raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-    precision = "fp32"
-    if fp16:
-        if hasattr(trt.BuilderFlag, "FP16"):
-            config.set_flag(trt.BuilderFlag.FP16)
-            precision = "fp16"
-        else:
-            progress(f"  TensorRT {trt.__version__} has no FP16 builder flag (strongly typed networks): building fp32")
-    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+    if precision != "fp32":
+        flag = getattr(trt.BuilderFlag, precision.upper(), None)
+        if flag is None:
+            raise RuntimeError(f"TensorRT {trt.__version__} has no {precision.upper()} builder flag "
+                               "(strongly typed networks only): build an fp32 plan or use backend='torch'")
+        config.set_flag(flag)
+    elif hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)  # TF32 is on by default; fp32 plans must match the ONNX graph
-    shapes = profile_shapes(min_side, max_side, scales, max_batch)
     profile = builder.create_optimization_profile()
     profile.set_shape(input_name, tuple(shapes["min"]), tuple(shapes["opt"]), tuple(shapes["max"]))
     config.add_optimization_profile(profile)
@@ -97,10 +97,29 @@ def build_plan(onnx_path: str | Path, out_dir: str | Path, *, min_side: int, max
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build a plan from {onnx_path} (see the TensorRT log above)")
+    return bytes(memoryview(serialized)), precision
+
+
+def build_plan(onnx_path: str | Path, out_dir: str | Path, *, min_side: int, max_side: int,
+               scales: Sequence[float], fp16: bool = False, max_batch: int = MAX_BATCH,
+               workspace_gib: float = 4.0, input_name: str = "image",
+               progress: Callable[[str], None] = print) -> dict:
+    """Build and write a serialized plan for the current GPU at export. Returns its manifest entry.
+
+    fp32 by default (fidelity mode); fp16=True is opt-in. The runtime's own cache
+    (sgengine.backends.plan_cache) builds plans on demand at Engine.load; this is the export-time
+    variant, recorded in the bundle manifest.
+    """
+    shapes = profile_shapes(min_side, max_side, scales, max_batch)
+    data, precision = build_serialized(onnx_path, shapes=shapes, precision="fp16" if fp16 else "fp32",
+                                       workspace_gib=workspace_gib, input_name=input_name, progress=progress)
+    import tensorrt as trt  # importable: build_serialized checked
+    import torch
+    gpu = torch.cuda.get_device_name()
     name = plan_filename(gpu, trt.__version__, precision == "fp16")
     path = Path(out_dir) / name
     with open(path, "wb") as f:
-        f.write(memoryview(serialized))
+        f.write(data)
     progress(f"  wrote {name} ({path.stat().st_size / 1e6:.1f} MB)")
     return {"file": name, "gpu": gpu, "tensorrt": trt.__version__, "precision": precision,
             "profile": {input_name: shapes}}

@@ -66,13 +66,41 @@ class SearchResult:
 
 
 class _Timer:
-    def __init__(self) -> None:
-        self.ms: dict[str, float] = defaultdict(float)
+    """Milliseconds per stage. Host stages use the wall clock. On CUDA, device stages are bracketed
+    by CUDA events and resolved once, at `finish()` (the one synchronization the call needs anyway,
+    when ids come back): a host clock would only time kernel launches, and a synchronization per
+    stage would serialize the host and the device."""
 
-    def add(self, stage: str, t0: float) -> float:
-        now = time.perf_counter()
-        self.ms[stage] += (now - t0) * 1e3
-        return now
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.ms: dict[str, float] = defaultdict(float)
+        self._cuda = device is not None and device.type == "cuda"
+        self._pending: list[tuple[str, Any, Any]] = []
+
+    def now(self, *, host: bool = False):
+        if self._cuda and not host:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def add(self, stage: str, t0):
+        """Charge the time since t0 (from now()) to `stage`; returns a new t0 of the same kind."""
+        if isinstance(t0, float):
+            now = time.perf_counter()
+            self.ms[stage] += (now - t0) * 1e3
+            return now
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        self._pending.append((stage, t0, e))
+        return e
+
+    def finish(self) -> dict[str, float]:
+        if self._pending:
+            self._pending[-1][2].synchronize()
+            for stage, a, b in self._pending:
+                self.ms[stage] += a.elapsed_time(b)
+            self._pending = []
+        return dict(self.ms)
 
 
 def _is_descriptor_input(query: Any) -> bool:
@@ -126,13 +154,20 @@ class Engine:
     # ---------------------------------------------------------------- construction
     @classmethod
     def load(cls, bundle: str | os.PathLike | Bundle, index: str | os.PathLike | Index | None = None,
-             device: str = "cpu", backend: str = "auto", *, head_impl: str = "auto", rerank_impl: str = "auto",
-             threads: int | None = None, max_side: int | None = None) -> "Engine":
+             device: str = "cpu", backend: str = "auto", *, precision: str = "fp32", head_impl: str = "auto",
+             rerank_impl: str = "auto", threads: int | None = None, max_side: int | None = None,
+             cuda_graphs: bool | None = None, plan_cache: str | os.PathLike | None = None,
+             build_plan: bool = True) -> "Engine":
         """Verify the bundle, create the backbone session once, open the index (same bundle only).
 
-        device: "cpu" or "cuda"; backend: "auto", "onnxruntime", "torch" or "tensorrt" (see
-        sgengine.backends). head_impl / rerank_impl: "auto", "triton", "cpu" or "reference".
-        max_side: long-side cap for decoded images (default: the bundle's, 2048).
+        device: "cpu" or "cuda[:N]"; backend: "auto", "onnxruntime", "torch" or "tensorrt" (see
+        sgengine.backends). precision: "fp32" (the fidelity mode, SPEC.md), or opt-in "fp16" /
+        "bf16" for the backbone (the pooling head always accumulates in fp32). head_impl /
+        rerank_impl: "auto", "triton", "cpu" or "reference". max_side: long-side cap for decoded
+        images (default: the bundle's, 2048). cuda_graphs: replay CUDA graphs of the torch
+        backbone per input shape (default on for torch on CUDA). plan_cache / build_plan: where
+        TensorRT plans are cached (default: beside the bundle) and whether a missing or stale one
+        may be built now (minutes). On CUDA the index rows are uploaded here, once.
         """
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise InputError(f"threads must be a positive integer, got {threads!r}")
@@ -143,7 +178,8 @@ class Engine:
             raise BundleError(f"{b.path}: head parameters {b.head_config} differ from SPEC 3's (R-GeM p=2.5, 5x5, "
                               "mix 0.5; GeM+ p=4.6, eps 1e-8), which the engine's head kernels implement")
         head, rerank = _resolve_impls(head_impl, rerank_impl, dev)
-        bb = load_backbone(b, device=device, backend=backend, threads=threads)
+        bb = load_backbone(b, device=device, backend=backend, threads=threads, precision=precision,
+                           cuda_graphs=cuda_graphs, plan_cache=plan_cache, build_plan=build_plan, max_side=max_side)
         if threads is not None:
             torch.set_num_threads(threads)
         idx = None
@@ -158,6 +194,7 @@ class Engine:
                 idx = Index.open(index, bundle_fingerprint=b.fingerprint)
             if idx.dim != b.dim:
                 raise IndexMismatchError(f"index {idx.path} holds {idx.dim}-d descriptors; bundle {b.path} makes {b.dim}-d")
+            idx.preload(dev)
         return cls(b, bb, idx, device=device, head_impl=head, rerank_impl=rerank,
                    max_side=max_side if max_side is not None else b.max_side)
 
@@ -179,7 +216,8 @@ class Engine:
             "scales": list(self.scales),
             "max_side": self.max_side,
             "index": None if self.index is None else {
-                "path": str(self.index.path), "count": len(self.index), "dtype": self.index.dtype},
+                "path": str(self.index.path), "count": len(self.index), "dtype": self.index.dtype,
+                "rows": self.index.residency(self.device)},
         }
 
     # ---------------------------------------------------------------- embedding
@@ -197,31 +235,33 @@ class Engine:
 
     @torch.inference_mode()
     def _embed_tensor(self, x: torch.Tensor, timer: _Timer) -> torch.Tensor:
-        """Normalized batch [B,3,H,W] (same size) -> descriptors [B, D] on the engine's device."""
+        """Normalized batch [B,3,H,W] (same size, on the engine's device) -> descriptors [B, D] there."""
         per_scale = []
         for s in self.scales:
-            t0 = time.perf_counter()
+            t0 = timer.now()
             xs = resize_for_scale(x, s)
             fmap = self.backbone(xs)
             t0 = timer.add(f"backbone@{s:g}", t0)
             per_scale.append(self._pool_head(fmap))
             timer.add("head", t0)
-        t0 = time.perf_counter()
+        t0 = timer.now()
         d = scale_gem_max(per_scale)
         timer.add("head", t0)
         return d
 
-    def embed_decoded(self, images: Sequence[DecodedImage], *, batch_size: int = 8,
-                      timer: _Timer | None = None) -> tuple[np.ndarray, list[list[str]]]:
-        """Decoded images -> (float32 [n, D] unit rows, notes per image). Equal sizes are batched together."""
-        timer = timer or _Timer()
-        out = torch.empty((len(images), self.dim), dtype=torch.float32)
+    def _embed_on_device(self, images: Sequence[DecodedImage], *, batch_size: int, timer: _Timer
+                         ) -> tuple[torch.Tensor, list[list[str]]]:
+        """Decoded images -> (float32 [n, D] unit rows on the engine's device, notes per image).
+
+        Each image's 8-bit pixels are uploaded once; normalization, the SPEC 9 upscale and the
+        per-scale resizes run on the device. Images of equal size are batched together."""
+        out = torch.empty((len(images), self.dim), dtype=torch.float32, device=self.device)
         notes: list[list[str]] = [list(im.notes) for im in images]
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         tensors: dict[int, torch.Tensor] = {}
         for i, im in enumerate(images):
-            t0 = time.perf_counter()
-            x = to_tensor(im.bgr, self.normalization)
+            t0 = timer.now()
+            x = to_tensor(im.bgr, self.normalization, device=self.device)
             x, note = ensure_min_size(x, self.min_side, max_side=self.max_side)
             if note:
                 notes[i].append(note)
@@ -231,15 +271,23 @@ class Engine:
         for members in groups.values():
             for start in range(0, len(members), batch_size):
                 chunk = members[start:start + batch_size]
-                x = torch.cat([tensors[i] for i in chunk]).to(self.device)
+                x = tensors[chunk[0]] if len(chunk) == 1 else torch.cat([tensors[i] for i in chunk])
                 try:
                     d = self._embed_tensor(x, timer)
                     check_finite(d, "descriptors")
                 except InputError as e:  # NaN/inf features: say which images, not which batch slot
                     names = ", ".join(images[i].name for i in chunk)
                     raise InputError(f"{names}: {e}") from e
-                out[chunk] = d.float().cpu()
-        return out.numpy(), notes
+                out[chunk] = d.float()
+        return out, notes
+
+    def embed_decoded(self, images: Sequence[DecodedImage], *, batch_size: int = 8,
+                      timer: _Timer | None = None) -> tuple[np.ndarray, list[list[str]]]:
+        """Decoded images -> (float32 [n, D] unit rows, notes per image). Equal sizes are batched together."""
+        timer = timer or _Timer(self.device)
+        out, notes = self._embed_on_device(images, batch_size=batch_size, timer=timer)
+        timer.finish()
+        return out.cpu().numpy(), notes
 
     def embed(self, inputs: Any, *, color_order: str = "RGB", batch_size: int = 8, progress: bool = False) -> np.ndarray:
         """Images -> float32 [n, D] unit rows (one input gives [1, D]).
@@ -289,7 +337,7 @@ class Engine:
         M = _check_int(d["M"] if M is None else M, "M", 1)
         K = _check_int(d["K"] if K is None else K, "K", 0)
         beta = _check_beta(d["beta"] if beta is None else beta)
-        timer = _Timer()
+        timer = _Timer(self.device)
         notes: list[str] = []
         t_start = time.perf_counter()
         single = True
@@ -300,42 +348,47 @@ class Engine:
             if q.ndim != 2 or q.shape[1] != self.dim:
                 raise InputError(f"query descriptors must be [D] or [n, D] with D={self.dim}, got shape {list(torch.as_tensor(query).shape)}")
             check_finite(q, "query descriptors")
+            q = q.to(self.device)
         else:
             single = not isinstance(query, (list, tuple))
             items = self._as_list(query)
-            t0 = time.perf_counter()
+            t0 = timer.now(host=True)
             decoded = [self.decode(src, name=describe_source(src, j) if not single else None, color_order=color_order)
                        for j, src in enumerate(items)]
             timer.add("decode", t0)
-            qn, per_notes = self.embed_decoded(decoded, timer=timer)
+            q, per_notes = self._embed_on_device(decoded, batch_size=8, timer=timer)
             notes += [n_ for ns in per_notes for n_ in ns]
-            q = torch.from_numpy(qn)
         if k > n:
             notes.append(f"k={k} clamped to the index size {n}")
             k = n
         m_eff = min(M, n) if rerank else 0
-        t0 = time.perf_counter()
-        scores, rows = self.index.search(q.numpy(), max(k, m_eff), device=self.device)
+        # From here on everything stays on the engine's device: the index rows are resident there
+        # (Index.preload at load), the candidates are gathered there, and only the final top-k
+        # ids and scores are copied back.
+        t0 = timer.now()
+        scores, rows = self.index.search_tensor(q, max(k, m_eff), device=self.device)
         timer.add("search", t0)
         if rerank and len(q):
             from .rerank import rerank_first_stage
 
             def gather(top: torch.Tensor) -> torch.Tensor:
-                t0 = time.perf_counter()
-                Y = torch.from_numpy(self.index.gather(top.numpy())).to(self.device)
+                t0 = timer.now()
+                Y = self.index.gather_tensor(top)
                 timer.add("gather", t0)
                 return Y
 
-            t0 = time.perf_counter()
-            r, s = rerank_first_stage(q.to(self.device), torch.from_numpy(scores), torch.from_numpy(rows), gather,
-                                      m_eff, K, beta, self.rerank_impl)
-            rows, scores = r.numpy(), s.numpy()
+            t0 = timer.now()
+            rows, scores = rerank_first_stage(q, scores, rows, gather, m_eff, K, beta, self.rerank_impl)
             timer.add("rerank", t0)
-            timer.ms["rerank"] -= timer.ms.get("gather", 0.0)  # gather is its own stage
-        rows, scores = rows[:, :k], scores[:, :k].astype(np.float32)
+        rows_k, scores_k = rows[:, :k], scores[:, :k]
+        rows_np = rows_k.cpu().numpy()
+        scores_np = scores_k.to(torch.float32).cpu().numpy()
+        ms = timer.finish()
+        if "rerank" in ms:
+            ms["rerank"] -= ms.get("gather", 0.0)  # gather is its own stage
         all_ids = self.index.ids
-        ids = [[all_ids[r] for r in row] for row in rows]
-        timer.ms["total"] = (time.perf_counter() - t_start) * 1e3
+        ids = [[all_ids[r] for r in row] for row in rows_np]
+        ms["total"] = (time.perf_counter() - t_start) * 1e3
         if single:
-            return SearchResult(ids[0], rows[0], scores[0], dict(timer.ms), notes)
-        return SearchResult(ids, rows, scores, dict(timer.ms), notes)
+            return SearchResult(ids[0], rows_np[0], scores_np[0], ms, notes)
+        return SearchResult(ids, rows_np, scores_np, ms, notes)

@@ -79,6 +79,23 @@ _CRASH_ENV = "SGENGINE_INDEX_CRASH_AT"
 _CRASH_POINTS = ("after-segment", "before-manifest", "after-manifest")
 
 
+DEVICE_HEADROOM_BYTES = 2 << 30  # left free beside a resident index: model, activations, rerank buffers
+
+
+def device_room_shortfall(device: torch.device, nbytes: int, *, free_bytes: int | None = None) -> str | None:
+    """Why `nbytes` of index rows should not be made resident on `device` (None when they fit):
+    they must leave DEVICE_HEADROOM_BYTES and a tenth of the free memory for everything else."""
+    if free_bytes is None:
+        if device.type != "cuda":
+            return None
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+    room = int(free_bytes * 0.9) - DEVICE_HEADROOM_BYTES
+    if nbytes <= room:
+        return None
+    return (f"{nbytes / 2**30:.2f} GiB of rows do not fit the {max(room, 0) / 2**30:.2f} GiB this device can spare "
+            f"({free_bytes / 2**30:.2f} GiB free); searching in chunks from host memory")
+
+
 def _utcnow() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -285,6 +302,7 @@ class Index:
         self._row_of: dict[str, int] | None = None
         self._concat: np.ndarray | None = None
         self._device_rows: dict[str, torch.Tensor] = {}
+        self._streamed: dict[str, str] = {}
         self._host_f32: np.ndarray | None = None
 
     # ------------------------------------------------------------ properties
@@ -372,12 +390,23 @@ class Index:
             raise InputError(f"index {self._path} is empty: add descriptors first (sgengine index build)")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
             raise InputError(f"k must be a positive integer, got {k!r}")
+        scores, rows = self.search_tensor(queries, k, device=device, impl=impl)
+        return scores.cpu().numpy(), rows.cpu().numpy()
+
+    def search_tensor(self, queries, k: int, *, device: str | torch.device | None = None,
+                      impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+        """`search` without the copy back: scores float32 and rows int64 [nq, k] as tensors on the
+        device the product ran on (the engine's GPU path copies only its final top-k to the host)."""
+        n = len(self)
+        if n == 0:
+            raise InputError(f"index {self._path} is empty: add descriptors first (sgengine index build)")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+            raise InputError(f"k must be a positive integer, got {k!r}")
         q = self._check_queries(queries)
         if device is not None:
             q = q.to(device)
         db = self._host_rows() if q.device.type == "cpu" else self._on_device(q.device)
-        scores, rows = topk_similarity(q, db, min(int(k), n), impl=impl)
-        return scores.cpu().numpy(), rows.cpu().numpy()
+        return topk_similarity(q, db, min(int(k), n), impl=impl)
 
     def _host_rows(self) -> np.ndarray:
         """Rows for a CPU search. float16 rows up to HOST_FLOAT32_CACHE_BYTES as float32 are
@@ -390,19 +419,51 @@ class Index:
             self._host_f32 = rows.astype(np.float32)
         return self._host_f32
 
-    def _on_device(self, device: torch.device) -> torch.Tensor:
+    def _on_device(self, device: torch.device) -> torch.Tensor | np.ndarray:
         # Streaming a memmap to the GPU on every query would cost a full host->device copy of
-        # the index per query; one resident copy is the whole point of searching there.
+        # the index per query; one resident copy is the whole point of searching there. An
+        # index larger than the device's free memory (less headroom for the model and the
+        # rerank) stays on the host and is streamed chunk by chunk by topk_similarity: slower,
+        # but it runs, and residency() says so.
         key = str(device)
         t = self._device_rows.get(key)
-        if t is None:
-            t = torch.from_numpy(np.ascontiguousarray(self.vectors())).to(device)
-            self._device_rows[key] = t
+        if t is not None:
+            return t
+        if key in self._streamed:
+            return self.vectors()
+        rows = self.vectors()
+        reason = device_room_shortfall(device, rows.nbytes)
+        if reason is not None:
+            self._streamed[key] = reason
+            return rows
+        t = torch.from_numpy(np.ascontiguousarray(rows)).to(device)
+        self._device_rows[key] = t
         return t
+
+    def residency(self, device: str | torch.device) -> str:
+        """Where `search(device=...)` reads the rows from: "host" (CPU), "resident" (one copy on the
+        device), "streamed: <why>" (too large for the device), or "not loaded yet"."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return "host"
+        key = str(device)
+        if key in self._device_rows:
+            return "resident"
+        if key in self._streamed:
+            return f"streamed: {self._streamed[key]}"
+        return "not loaded yet"
+
+    def preload(self, device: str | torch.device) -> str:
+        """Upload the rows to `device` now (at Engine.load) instead of on the first query; returns residency()."""
+        device = torch.device(device)
+        if device.type != "cpu" and len(self):
+            self._on_device(device)
+        return self.residency(device)
 
     def release_device(self) -> None:
         """Drop the rows uploaded to accelerators by `search(..., device=...)`."""
         self._device_rows = {}
+        self._streamed = {}
 
     def _check_queries(self, queries) -> torch.Tensor:
         if isinstance(queries, torch.Tensor):
@@ -436,6 +497,23 @@ class Index:
             raise InputError(f"row {int(bad)} is out of range for index {self._path} with {n} rows")
         flat = np.take(self.vectors(), r.reshape(-1), axis=0)
         return np.asarray(flat, dtype=np.float32).reshape(r.shape + (self._dim,))
+
+    def gather_tensor(self, rows: torch.Tensor) -> torch.Tensor:
+        """Stored rows as float32 on rows' device: rows [nq, M] int64 tensor -> [nq, M, D].
+
+        On a device that holds the rows (see residency) this is one index_select there, with no
+        host round trip; otherwise the rows come from the host copy and only they are moved."""
+        if not isinstance(rows, torch.Tensor) or rows.is_floating_point() or rows.is_complex():
+            raise InputError(f"rows must be an integer tensor, got {getattr(rows, 'dtype', type(rows).__name__)}")
+        resident = self._device_rows.get(str(rows.device)) if rows.device.type != "cpu" else None
+        if resident is None:
+            return torch.from_numpy(self.gather(rows)).to(rows.device)
+        n = len(self)
+        flat = rows.reshape(-1)
+        if flat.numel() and bool(((flat < 0) | (flat >= n)).any()):
+            bad = flat[(flat < 0) | (flat >= n)][0]
+            raise InputError(f"row {int(bad)} is out of range for index {self._path} with {n} rows")
+        return resident.index_select(0, flat).to(torch.float32).reshape(tuple(rows.shape) + (self._dim,))
 
     def verify(self) -> None:
         """Hash every segment file against the manifest (reads everything: for `index info`, not for queries)."""
@@ -489,6 +567,7 @@ class Index:
                 self._row_of.update((s, start + i) for i, s in enumerate(ids))
             self._concat = None
             self._device_rows = {}
+            self._streamed = {}
             self._host_f32 = None
 
     def compact(self) -> None:

@@ -30,8 +30,14 @@ class OnnxRuntimeBackbone:
     """
 
     def __init__(self, onnx_path: str | os.PathLike, device: str = "cpu", threads: int | None = None,
-                 input_name: str = "image", output_name: str = "fmap") -> None:
+                 input_name: str = "image", output_name: str = "fmap", *, precision: str = "fp32") -> None:
         import onnxruntime as ort
+
+        if precision != "fp32":
+            # The bundle's graph is float32; converting it would be a second, unverified model.
+            raise BackendUnavailableError(
+                f"onnxruntime runs the bundle's float32 graph only, not precision={precision!r}: "
+                "use backend='tensorrt' or backend='torch' for fp16/bf16")
 
         self.onnx_path = Path(onnx_path)
         self.device = torch.device(device)
@@ -50,8 +56,17 @@ class OnnxRuntimeBackbone:
                 raise BackendUnavailableError(
                     f"onnxruntime on {self.device}: the CUDA provider did not load: this onnxruntime build offers "
                     f"only {available} (install onnxruntime-gpu instead of onnxruntime)")
+            if not torch.cuda.is_available():
+                raise BackendUnavailableError(
+                    f"onnxruntime on {self.device}: torch sees no CUDA GPU, and the engine hands ORT torch CUDA "
+                    f"tensors (torch {torch.__version__}, CUDA build: {torch.version.cuda})")
             index = self.device.index or 0
-            providers: list = [(CUDA, {"device_id": index}), CPU]
+            # ORT computes on torch's current stream, so no synchronization is needed around a
+            # run; TF32 off keeps fp32 the fidelity mode; exhaustive cuDNN search pays once per shape.
+            self._stream = torch.cuda.current_stream(self.device)
+            options = {"device_id": str(index), "cudnn_conv_algo_search": "EXHAUSTIVE", "use_tf32": "0",
+                       "do_copy_in_default_stream": "1", "user_compute_stream": str(self._stream.cuda_stream)}
+            providers: list = [(CUDA, options), CPU]
         elif self.device.type == "cpu":
             providers = [CPU]
         else:
@@ -93,19 +108,22 @@ class OnnxRuntimeBackbone:
         # after a run, so the first call per input shape lets ORT allocate and remembers the shape.
         x = x.detach().to(self.device, torch.float32).contiguous()
         idx = self.device.index or 0
+        if torch.cuda.current_stream(self.device) != self._stream:
+            # The session was bound to the stream current at load; work queued on another stream
+            # must be finished before ORT reads x.
+            torch.cuda.current_stream(self.device).synchronize()
         binding = self.session.io_binding()
         binding.bind_input(self.input_name, "cuda", idx, np.float32, list(x.shape), x.data_ptr())
         shape = self._out_shapes.get(tuple(x.shape))
         if shape is None:
+            # First call for this shape (warm-up): let ORT allocate the output to learn its shape.
             binding.bind_output(self.output_name, "cuda", idx)
-            torch.cuda.current_stream(self.device).synchronize()
             self.session.run_with_iobinding(binding)
             out = binding.get_outputs()[0]
             self._out_shapes[tuple(x.shape)] = tuple(out.shape())
             return torch.from_numpy(out.numpy()).to(self.device)
         y = torch.empty(shape, dtype=torch.float32, device=self.device)
         binding.bind_output(self.output_name, "cuda", idx, np.float32, list(shape), y.data_ptr())
-        torch.cuda.current_stream(self.device).synchronize()
         self.session.run_with_iobinding(binding)
         return y
 

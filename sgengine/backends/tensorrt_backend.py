@@ -1,29 +1,46 @@
-"""Backbone through a TensorRT plan stored in the bundle (import-guarded; needs a CUDA GPU).
+"""Backbone through a TensorRT plan (import-guarded; needs a CUDA GPU and the tensorrt package).
 
-Plans are built by `python -m sgengine.export ... --tensorrt` on the GPU they will run on; only
-a plan built for this GPU model and this TensorRT version is used.
+Where the plan comes from, first match wins:
+1. a plan recorded in the bundle manifest at export (`sgengine export --tensorrt`) for this GPU,
+   TensorRT version and precision;
+2. the plan cache beside the bundle (sgengine.backends.plan_cache), checked against the bundle
+   fingerprint, backbone.onnx's hash, GPU, TensorRT version, precision and input profile;
+3. a new plan built now from backbone.onnx (minutes, with progress) and stored in the cache,
+   unless build_plan=False, in which case a missing or stale plan is an error saying why.
+The plan runs on torch CUDA tensors as I/O buffers on the current torch stream: no host copies.
 """
 from __future__ import annotations
+
+import sys
 
 import torch
 
 from ..errors import BackendUnavailableError, InputError
+from . import plan_cache as pc
 
 
-def find_plan(bundle, gpu_name: str, trt_version: str) -> dict | None:
+def find_plan(bundle, gpu_name: str, trt_version: str, precision: str | None = None) -> dict | None:
     for p in bundle.tensorrt_plans:
-        if p.get("gpu") == gpu_name and p.get("tensorrt") == trt_version:
+        if p.get("gpu") == gpu_name and p.get("tensorrt") == trt_version and (
+                precision is None or p.get("precision", "fp32") == precision):
             return p
     return None
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 class TensorRTBackbone:
     """`backbone(x [B,3,H,W] f32 cuda) -> [B,C,h,w] f32 cuda` through one execution context."""
 
-    def __init__(self, bundle, device: str = "cuda") -> None:
+    def __init__(self, bundle, device: str = "cuda", *, precision: str = "fp32", plan_cache=None,
+                 build_plan: bool = True, max_side: int | None = None, progress=_stderr) -> None:
         self.device = torch.device(device)
         if self.device.type != "cuda":
             raise BackendUnavailableError(f"tensorrt backend runs on a CUDA GPU, not on {device!r}")
+        if precision not in ("fp32", "fp16", "bf16"):
+            raise InputError(f"precision must be 'fp32', 'fp16' or 'bf16', got {precision!r}")
         reasons = []
         try:
             import tensorrt as trt
@@ -34,28 +51,59 @@ class TensorRTBackbone:
             reasons.append(f"torch sees no CUDA GPU (torch {torch.__version__}, CUDA build: {torch.version.cuda})")
         if reasons:
             raise BackendUnavailableError("tensorrt backend unavailable: " + "; ".join(reasons))
-        gpu = torch.cuda.get_device_name(self.device)
-        plan = find_plan(bundle, gpu, trt.__version__)
-        if plan is None:
-            have = [(p.get("gpu"), p.get("tensorrt")) for p in bundle.tensorrt_plans] or "none"
-            raise BackendUnavailableError(
-                f"tensorrt backend: {bundle.path} has no plan for {gpu} with TensorRT {trt.__version__} "
-                f"(plans: {have}); export with --tensorrt on this machine")
-        self.plan = plan
+        self.gpu = torch.cuda.get_device_name(self.device)
+        self.precision = precision
+        self.input_name, self.output_name = "image", "fmap"
+        self.plan_source = ""
+        self.cache_note = ""
+        data, profile = self._plan_bytes(bundle, trt, plan_cache, build_plan, max_side, progress)
         self._logger = trt.Logger(trt.Logger.WARNING)
         with torch.cuda.device(self.device):
             runtime = trt.Runtime(self._logger)
-            self.engine = runtime.deserialize_cuda_engine((bundle.path / plan["file"]).read_bytes())
+            self.engine = runtime.deserialize_cuda_engine(data)
             if self.engine is None:
-                raise BackendUnavailableError(f"tensorrt backend: {bundle.path / plan['file']} did not deserialize")
+                raise BackendUnavailableError(f"tensorrt backend: the plan from {self.plan_source} did not deserialize "
+                                              f"with TensorRT {trt.__version__}; delete it and load again to rebuild")
             self.context = self.engine.create_execution_context()
-        self.input_name, self.output_name = "image", "fmap"
-        prof = plan.get("profile", {}).get(self.input_name, {})
-        self.min_shape, self.max_shape = prof.get("min"), prof.get("max")
+        self.min_shape, self.max_shape = profile.get("min"), profile.get("max")
         self.name = "tensorrt"
-        self.precision = plan.get("precision", "fp32")
         self.providers = [f"TensorRT {trt.__version__}"]
-        self.gpu = gpu
+
+    def _plan_bytes(self, bundle, trt, plan_cache, build_plan: bool, max_side, progress) -> tuple[bytes, dict]:
+        from ..bundle import sha256_file
+        from sgengine.export.tensorrt import build_serialized, profile_shapes
+        exported = find_plan(bundle, self.gpu, trt.__version__, self.precision)
+        if exported is not None and max_side in (None, bundle.max_side):
+            self.plan_source = str(bundle.path / exported["file"])
+            return (bundle.path / exported["file"]).read_bytes(), exported.get("profile", {}).get(self.input_name, {})
+        shapes = profile_shapes(bundle.min_side, max_side or bundle.max_side, bundle.head_config.scales)
+        onnx_entry = bundle.manifest.get("files", {}).get(bundle.onnx_path.name, {})
+        key = pc.PlanKey(gpu=self.gpu, tensorrt=trt.__version__, precision=self.precision,
+                         bundle_fingerprint=bundle.fingerprint,
+                         onnx_sha256=onnx_entry.get("sha256") or sha256_file(bundle.onnx_path), profile=shapes)
+        directory = pc.cache_dir(bundle, plan_cache)
+        found = pc.lookup(directory, key)
+        if found.status == "hit":
+            self.plan_source = str(found.plan)
+            return found.plan.read_bytes(), shapes
+        if not build_plan:
+            raise BackendUnavailableError(
+                f"tensorrt backend: {found.status} plan for {self.gpu}, TensorRT {trt.__version__}, {self.precision}: "
+                f"{found.reason}; load with build_plan=True to build it (minutes)")
+        if found.status == "stale":
+            self.cache_note = f"rebuilt a stale plan: {found.reason}"
+            progress(f"sgengine: {self.cache_note}")
+        data, _ = build_serialized(bundle.onnx_path, shapes=shapes, precision=self.precision,
+                                   input_name=self.input_name, progress=progress)
+        try:
+            stored = pc.store(directory, key, data)
+            self.plan_source = str(stored.plan)
+        except OSError as e:  # a read-only bundle: run the plan, say it was not cached
+            self.plan_source = "built in memory"
+            self.cache_note = (self.cache_note + "; " if self.cache_note else "") + (
+                f"could not cache the plan in {directory} ({e}): pass plan_cache=DIR")
+            progress(f"sgengine: {self.cache_note}")
+        return data, shapes
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != 3:
@@ -77,6 +125,9 @@ class TensorRTBackbone:
         return y
 
     def describe(self) -> dict:
-        return {"name": self.name, "device": str(self.device), "providers": self.providers,
-                "precision": self.precision, "gpu": self.gpu, "plan": self.plan["file"],
-                "profile": {"min": self.min_shape, "max": self.max_shape}}
+        d = {"name": self.name, "device": str(self.device), "providers": self.providers,
+             "precision": self.precision, "gpu": self.gpu, "plan": self.plan_source,
+             "profile": {"min": self.min_shape, "max": self.max_shape}}
+        if self.cache_note:
+            d["plan_cache"] = self.cache_note
+        return d
