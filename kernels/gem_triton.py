@@ -157,7 +157,12 @@ def _gem_pool_scratch_kernel(
     # the scratch stays in L2 instead of costing a full extra write of the map.
     s1 = scratch_ptr + pid.to(tl.int64) * (2 * BLOCK_C * BLOCK_HW) + cc[:, None] * BLOCK_HW
     s2 = s1 + BLOCK_C * BLOCK_HW
-    for item in tl.range(pid, n_items, nprog):
+    # A while loop, not `tl.range(pid, n_items, nprog)`: both compile to the same loop, but Triton
+    # 3.6's interpreter turns range bounds into Python ints with int() on 1-element arrays, which
+    # NumPy >= 2.4 refuses (upstream triton-lang/triton#9171, fixed after 3.6); `while` only needs
+    # the condition's truth value.
+    item = pid
+    while item < n_items:
         b = item // n_cblocks
         c = (item % n_cblocks) * BLOCK_C + cc
         m = (c[:, None] < C) & kin[None, :]
@@ -178,9 +183,11 @@ def _gem_pool_scratch_kernel(
         for d in tl.static_range(5):
             idx = _reflect(i + (d - 2), H) * W + j
             box += tl.load(s2 + idx[None, :], mask=m, other=0.0, cache_modifier=".cg")
-        # The next item's stores to s1 / s2 come after its own barriers, which every thread
-        # reaches only when done reading this item's planes.
+        # No write-after-read race on the reused planes: the next item's store to s1 comes after
+        # this item's second barrier (every thread done reading s1), its store to s2 after its own
+        # first barrier (every thread done reading this item's s2).
         _finish(x, box, m, inv_hw, c, out_ptr + b.to(tl.int64) * C, C, RGEM_P, GEMP_P, GEMP_EPS)
+        item += nprog
 
 
 def gem_pool_triton(fmap: torch.Tensor, *, via: str = "gather") -> torch.Tensor:
