@@ -260,6 +260,22 @@ def test_interp_matches_reference(shape, dtype, channels_last, via):
 
 
 @interp_only
+@pytest.mark.parametrize("shape,dtype,channels_last", [((9, 5, 4, 6), torch.float32, False),
+                                                       ((2, 300, 13, 11), torch.bfloat16, True)],
+                         ids=["9x5x4x6-float32-nchw", "2x300x13x11-bfloat16-cl"])
+def test_interp_scratch_persistent_loop(shape, dtype, channels_last):
+    """The scratch strategy's programs loop over several (image, channel block) items, reusing
+    their scratch planes; the second shape also has a partial last channel block. (The loop is a
+    `while`: Triton 3.6's interpreter with NumPy >= 2.4 cannot run a `tl.range` with tensor bounds.)"""
+    from sgengine.kernels.gem_triton import _persistent_programs, gem_launch_settings, gem_pool_triton
+    B, C, h, w = shape
+    n_items = B * -(-C // gem_launch_settings(C, h, w)["BLOCK_C"])
+    assert n_items > _persistent_programs(torch.device("cpu"), True), "shape no longer loops in a program"
+    x = random_map(*shape, dtype, salt=13, channels_last=channels_last)
+    check(gem_pool_triton(x, via="scratch"), x, f"triton[interp] via=scratch {shape} {dtype} cl={channels_last}")
+
+
+@interp_only
 def test_interp_zeros_spike_and_dispatch():
     from sgengine.kernels.gem_triton import gem_pool_triton
     z = torch.zeros(2, 3, 3, 4)
