@@ -1,0 +1,226 @@
+"""The serving path (issue 6): backend and precision selection with their errors, the TensorRT plan
+cache's staleness rules, reduced-precision fidelity on real photos, and (on a GPU) the
+GPU-resident query against the CPU engine."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sgengine import Engine, Index
+from sgengine.backends import load_backbone
+from sgengine.backends import plan_cache as pc
+from sgengine.bundle import Bundle
+from sgengine.compare import assert_rankings_agree
+from sgengine.errors import BackendUnavailableError, InputError
+from sgengine.index import device_room_shortfall
+from sgengine.precision import precision_report, topk_agreement
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "china", "flower", "camera", "immunohistochemistry")
+MAX_SIDE = 320  # keeps the CPU runs short; fidelity at full size is test_engine's and test_export's job
+
+
+# ------------------------------------------------------------------ TensorRT plan cache (no TensorRT needed)
+def _key(**over) -> pc.PlanKey:
+    k = dict(gpu="NVIDIA H200", tensorrt="10.9.0", precision="fp16", bundle_fingerprint="a" * 64,
+             onnx_sha256="b" * 64, profile={"min": [1, 3, 64, 64], "opt": [1, 3, 1024, 1024], "max": [8, 3, 2897, 2897]})
+    k.update(over)
+    return pc.PlanKey(**k)
+
+
+def test_plan_cache_hit_missing_and_every_kind_of_stale(tmp_path):
+    key = _key()
+    assert pc.lookup(tmp_path, key).status == "missing"
+    stored = pc.store(tmp_path, key, b"plan-bytes" * 100)
+    assert stored.plan.name == "backbone.nvidia-h200.trt10.9.0.fp16.plan" and stored.sidecar.exists()
+    assert pc.lookup(tmp_path, key).status == "hit"
+    # A narrower profile is covered by the cached one; a wider one is not.
+    assert pc.lookup(tmp_path, _key(profile={"min": [1, 3, 90, 90], "opt": [1, 3, 512, 512],
+                                             "max": [4, 3, 2048, 2048]})).status == "hit"
+    wider = pc.lookup(tmp_path, _key(profile={"min": [1, 3, 64, 64], "opt": [1, 3, 1024, 1024],
+                                              "max": [8, 3, 4096, 4096]}))
+    assert wider.status == "stale" and "does not cover" in wider.reason
+    # Re-exported bundle (new fingerprint, new graph) in the same slot: stale, never run.
+    r = pc.lookup(tmp_path, _key(bundle_fingerprint="c" * 64))
+    assert r.status == "stale" and "bundle_fingerprint" in r.reason
+    assert pc.lookup(tmp_path, _key(onnx_sha256="d" * 64)).status == "stale"
+    # Another GPU or TensorRT version or precision is another slot: missing, not stale.
+    assert pc.lookup(tmp_path, _key(gpu="NVIDIA H100 80GB HBM3")).status == "missing"
+    assert pc.lookup(tmp_path, _key(tensorrt="10.10.0")).status == "missing"
+    assert pc.lookup(tmp_path, _key(precision="fp32")).status == "missing"
+    # A sidecar edited by hand to claim another GPU is caught too.
+    meta = json.loads(stored.sidecar.read_text())
+    stored.sidecar.write_text(json.dumps({**meta, "gpu": "NVIDIA A100"}))
+    assert pc.lookup(tmp_path, key).status == "stale"
+    stored.sidecar.write_text(json.dumps(meta))
+    # Same size, other bytes (overwritten in place): the hash catches it.
+    stored.plan.write_bytes(b"PLAN-BYTES" * 100)
+    r = pc.lookup(tmp_path, key)
+    assert r.status == "stale" and "sha256" in r.reason
+    stored.plan.write_bytes(b"plan-bytes" * 50)
+    assert "truncated" in pc.lookup(tmp_path, key).reason
+    # Interrupted build: a plan without its sidecar, or a sidecar that is not JSON.
+    stored.sidecar.unlink()
+    assert "no sidecar" in pc.lookup(tmp_path, key).reason
+    stored.sidecar.write_text("{not json")
+    assert "unreadable" in pc.lookup(tmp_path, key).reason
+    # Rebuilding replaces plan and sidecar together.
+    pc.store(tmp_path, key, b"new-plan")
+    assert pc.lookup(tmp_path, key).status == "hit"
+
+
+def test_plan_cache_location(default_bundle, tmp_path):
+    b = Bundle.load(default_bundle)
+    assert pc.cache_dir(b) == b.path / "trt_cache"
+    assert pc.cache_dir(b, tmp_path) == tmp_path / b.fingerprint[:16]
+
+
+@no_cuda
+def test_tensorrt_and_cuda_requests_fail_with_reasons(default_bundle):
+    with pytest.raises(BackendUnavailableError, match="no CUDA GPU"):
+        Engine.load(default_bundle, device="cuda", backend="tensorrt", precision="fp16")
+    b = Bundle.load(default_bundle)
+    with pytest.raises(BackendUnavailableError, match="tensorrt backend unavailable"):
+        load_backbone(b, device="cuda", backend="tensorrt", build_plan=False)
+    with pytest.raises(BackendUnavailableError, match="CUDA provider did not load"):
+        load_backbone(b, device="cuda", backend="onnxruntime")
+
+
+# ------------------------------------------------------------------ selection and precision errors
+def test_precision_and_backend_errors(default_bundle):
+    b = Bundle.load(default_bundle)
+    with pytest.raises(InputError, match="precision must be one of"):
+        load_backbone(b, precision="int8")
+    with pytest.raises(BackendUnavailableError, match="float32 graph only"):
+        load_backbone(b, backend="onnxruntime", precision="fp16")
+    with pytest.raises(BackendUnavailableError, match="use precision='bf16'"):
+        load_backbone(b, backend="torch", precision="fp16")
+    with pytest.raises(InputError, match="cuda_graphs=True needs device='cuda'"):
+        load_backbone(b, backend="torch", cuda_graphs=True)
+    with pytest.raises(InputError, match="cuda_graphs applies to the torch backend"):
+        load_backbone(b, backend="onnxruntime", cuda_graphs=True)
+    with pytest.raises(InputError, match="precision must be one of"):
+        Engine.load(default_bundle, precision="half")
+
+
+def test_auto_bf16_on_cpu_picks_torch_and_says_why(default_bundle):
+    bb = load_backbone(Bundle.load(default_bundle), precision="bf16")
+    d = bb.describe()
+    assert d["name"] == "torch" and d["precision"] == "bf16" and d["autocast"] == "bfloat16"
+    assert "float32 graph only" in d["skipped"]["onnxruntime"]
+
+
+def test_device_room_shortfall():
+    dev = torch.device("cuda")
+    assert device_room_shortfall(dev, 4 << 30, free_bytes=80 << 30) is None
+    why = device_room_shortfall(dev, 70 << 30, free_bytes=72 << 30)
+    assert why is not None and "do not fit" in why and "70.00 GiB" in why
+    assert device_room_shortfall(torch.device("cpu"), 1 << 40) is None
+
+
+# ------------------------------------------------------------------ reduced precision on real photos
+@pytest.fixture(scope="module")
+def photo_index(default_bundle, photos, tmp_path_factory):
+    """An fp32 index of real photos and two views of each (crop, mirror), plus query crops."""
+    ref = Engine.load(default_bundle, max_side=MAX_SIDE)
+    views, ids = [], []
+    for name in PHOTOS:
+        img = Image.fromarray(photos[name])
+        w, h = img.size
+        views += [img, img.crop((w // 10, h // 10, w - w // 7, h - h // 7)), img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+        ids += [f"{name}/full", f"{name}/crop", f"{name}/mirror"]
+    d = ref.embed(views)
+    path = tmp_path_factory.mktemp("serving") / "index"
+    idx = Index.create(path, dim=d.shape[1], bundle_fingerprint=ref.bundle.fingerprint)
+    idx.add(d, ids)
+    queries = []
+    for name in PHOTOS:
+        img = Image.fromarray(photos[name])
+        w, h = img.size
+        queries.append(img.crop((w // 5, h // 6, w - w // 9, h - h // 4)))
+    return path, queries
+
+
+def test_bf16_backbone_reports_its_error_and_agreement(default_bundle, photo_index):
+    path, queries = photo_index
+    ref = Engine.load(default_bundle, index=path, max_side=MAX_SIDE)
+    bf16 = Engine.load(default_bundle, index=path, max_side=MAX_SIDE, precision="bf16")
+    assert bf16.describe()["precision"] == "bf16" and bf16.describe()["backend"]["name"] == "torch"
+    rep = precision_report(ref, bf16, queries, k=10)
+    # bf16 really ran (a silently ignored precision would give exactly 0 error) ...
+    assert rep["max_abs_err"] > 1e-4, rep
+    # ... and stays a faithful descriptor: bf16 keeps 8 bits of mantissa, the descriptors are unit
+    # vectors, and the ranking of views of the same photo must survive it.
+    assert rep["min_cosine"] > 0.98 and rep["topk_agreement"] >= 0.9, rep
+    assert rep["images"] == len(queries) and rep["k"] == 10
+
+
+def test_topk_agreement_counts_overlap():
+    assert topk_agreement([[1, 2, 3]], [[3, 2, 1]], 3) == 1.0
+    assert topk_agreement([[1, 2, 3], [4, 5, 6]], [[1, 2, 9], [7, 8, 9]], 3) == pytest.approx((2 / 3 + 0) / 2)
+    with pytest.raises(ValueError):
+        topk_agreement([[1]], [], 1)
+
+
+# ------------------------------------------------------------------ GPU: the resident query
+@cuda
+def test_gpu_query_equals_the_cpu_engine(default_bundle, photo_index):
+    """fp32 torch CUDA (graphs, Triton head and rerank, resident float rows) == the CPU engine."""
+    path, queries = photo_index
+    cpu = Engine.load(default_bundle, index=path, max_side=MAX_SIDE)
+    gpu = Engine.load(default_bundle, index=path, max_side=MAX_SIDE, device="cuda", backend="torch")
+    d = gpu.describe()
+    assert d["index"]["rows"] == "resident" and d["backend"]["tf32"] is False
+    for _ in range(3):  # the second call of each shape captures its graph, the third replays it
+        r_gpu = gpu.search(queries[0], k=10)
+    assert gpu.backbone.graphs.captures >= len(gpu.scales) and gpu.backbone.graphs.replays >= len(gpu.scales)
+    for q in queries:
+        a, b = cpu.search(q, k=10), gpu.search(q, k=10)
+        assert_rankings_agree(a.rows, a.scores, b.rows, b.scores, rtol=1e-4)
+    a, b = cpu.embed(queries), gpu.embed(queries)
+    assert np.abs(a - b).max() < 1e-4
+    assert {"decode", "preprocess", "head", "search", "rerank", "gather", "total"} <= set(r_gpu.timings)
+    assert all(v >= 0 for v in r_gpu.timings.values())
+
+
+@cuda
+def test_cuda_graph_cache_replays_eager_results():
+    from sgengine.backends.torch_backend import CudaGraphCache
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1).cuda().eval()
+    fn = lambda x: torch.relu(conv(x))  # noqa: E731
+    cache = CudaGraphCache(fn, torch.device("cuda"), max_graphs=2, capture_after=2)
+    with torch.inference_mode():
+        for shape in [(1, 3, 16, 16), (1, 3, 16, 16), (1, 3, 16, 16), (2, 3, 9, 7), (2, 3, 9, 7), (1, 3, 5, 5),
+                      (1, 3, 5, 5), (1, 3, 16, 16)]:
+            x = torch.randn(shape, device="cuda")
+            out = cache(x)
+            assert torch.allclose(out, fn(x), atol=1e-6)
+    assert len(cache) <= 2 and cache.captures >= 3
+
+
+@cuda
+def test_streamed_index_equals_resident(default_bundle, photo_index, monkeypatch):
+    import sgengine.index as index_mod
+    path, queries = photo_index
+    gpu = Engine.load(default_bundle, index=path, max_side=MAX_SIDE, device="cuda", backend="torch")
+    monkeypatch.setattr(index_mod, "DEVICE_HEADROOM_BYTES", 1 << 60)  # nothing fits: stream from the host
+    streamed = Engine.load(default_bundle, index=Index.open(path), max_side=MAX_SIDE, device="cuda", backend="torch")
+    assert streamed.describe()["index"]["rows"].startswith("streamed")
+    for q in queries[:3]:
+        a, b = gpu.search(q, k=10), streamed.search(q, k=10)
+        assert_rankings_agree(a.rows, a.scores, b.rows, b.scores, rtol=1e-5)
+
+
+@cuda
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_gpu_reduced_precision_agreement(default_bundle, photo_index, precision):
+    path, queries = photo_index
+    ref = Engine.load(default_bundle, index=path, max_side=MAX_SIDE, device="cuda", backend="torch")
+    low = Engine.load(default_bundle, index=path, max_side=MAX_SIDE, device="cuda", backend="torch", precision=precision)
+    rep = precision_report(ref, low, queries, k=10)
+    assert rep["max_abs_err"] > 0 and rep["min_cosine"] > 0.98 and rep["topk_agreement"] >= 0.9, rep
