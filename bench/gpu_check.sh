@@ -1,40 +1,42 @@
 #!/usr/bin/env bash
-# The GPU check (DESIGN.md, "On a GPU machine"): one short run, no network, only the packages such a
+# The GPU check (DESIGN.md, "On a GPU machine"): short runs, no network, only the packages such a
 # machine already has (torch, Triton, pytest, pytest-benchmark, onnxruntime CPU). It installs sgengine
-# in place, runs the GPU test subset, then the benchmark table, and ends with the device name.
+# in place, runs GPU tests and benchmarks, and ends with the device name.
 #
-#   bash bench/gpu_check.sh [OUTDIR]      # default OUTDIR: bench/results/<date>-<gpu>
+#   bash bench/gpu_check.sh [OUTDIR] [SECTION...]   # default OUTDIR: bench/results/<date>-<gpu>
 #
-# Everything it prints is also written to OUTDIR/gpu_check.log; the raw benchmark JSON goes beside it.
+# Sections, in the order they run (default: all of them):
+#   kernels  pooling-head benchmark (the number issue 3 still lacks), Triton kernel tests, rerank benchmarks (~5 min)
+#   serving  one 1024x768 query end to end per backend and precision over 1M float16 rows, the
+#            precision report on real photos, and the serving tests (~5 min)
+# A lent machine allows one command of at most 10 minutes: run one section per call when both do not fit.
+# Everything it prints is also written to OUTDIR/gpu_check[-SECTION].log; raw JSON goes beside it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 gpu=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))" 2>/dev/null || echo no-gpu)
 out=${1:-bench/results/$(date -u +%Y-%m-%d)-$gpu}
+shift || true
+sections=("$@")
+[ ${#sections[@]} -eq 0 ] && sections=(kernels serving)
 mkdir -p "$out"
-log="$out/gpu_check.log"
+suffix=""
+[ ${#sections[@]} -eq 1 ] && suffix="-${sections[0]}"
+log="$out/gpu_check$suffix.log"
 exec > >(tee "$log") 2>&1
 
-echo "== sgengine GPU check, $(date -u +%FT%TZ)"
+echo "== sgengine GPU check, $(date -u +%FT%TZ), sections: ${sections[*]}"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || true
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+python3 -c "import torch, triton, numpy; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, 'numpy', numpy.__version__)"
 
 echo "== install (editable, no network)"
 t0=$SECONDS
 python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -v -i "warning" | tail -5
 echo "install took $((SECONDS - t0)) s"
 
-echo "== GPU tests (interpreter suites excluded: CI runs them on the CPU with Triton 3.9)"
-t0=$SECONDS
-timeout 150 python3 -m pytest -q -p no:cacheprovider \
-  tests/test_gem_kernels.py tests/test_rerank_triton.py tests/test_search.py \
-  -k "(cuda or gpu) and not interpreter_suite" 2>&1 | tail -25
-echo "GPU tests took $((SECONDS - t0)) s"
-
 # One pytest run per suite, each with its own JSON and time limit: a suite that runs long loses
-# only its own table (the 2026-11-27 run lost everything to one limit). Head first: it is the
-# number still missing.
+# only its own table (the first H200 run lost everything to one limit).
 bench() {  # name, time limit (s), suite, pytest -k expression
   local t0=$SECONDS
   echo "== benchmark: $1"
@@ -42,8 +44,32 @@ bench() {  # name, time limit (s), suite, pytest -k expression
     --benchmark-min-rounds=3 --benchmark-max-time=0.2 --benchmark-warmup=on 2>&1 | grep -v "^\.*$" | tail -40
   echo "$1 took $((SECONDS - t0)) s"
 }
-bench head_gpu 90 bench/bench_head.py "cuda"
-bench rerank_gpu 150 bench/bench_rerank_gpu.py "cuda and not M1600"
-bench rerank_gpu_m1600 90 bench/bench_rerank_gpu.py "cuda and M1600 and not chain"
+
+for section in "${sections[@]}"; do
+  case $section in
+  kernels)
+    bench head_gpu 80 bench/bench_head.py "cuda"
+    echo "== GPU kernel tests (interpreter suites excluded: CI runs them on the CPU with Triton 3.9)"
+    t0=$SECONDS
+    timeout 130 python3 -m pytest -q -p no:cacheprovider --durations=5 \
+      tests/test_gem_kernels.py tests/test_rerank_triton.py tests/test_search.py \
+      -k "(cuda or gpu) and not interpreter_suite" 2>&1 | tail -25
+    echo "GPU kernel tests took $((SECONDS - t0)) s"
+    bench rerank_gpu 90 bench/bench_rerank_gpu.py "cuda and not M1600"
+    bench rerank_gpu_m1600 45 bench/bench_rerank_gpu.py "cuda and M1600 and not chain"
+    ;;
+  serving)
+    echo "== serving benchmark"
+    t0=$SECONDS
+    timeout 210 python3 bench/serving_gpu.py --out "$out" --seconds 5 2>&1 | tail -40
+    echo "serving benchmark took $((SECONDS - t0)) s"
+    echo "== serving tests"
+    t0=$SECONDS
+    timeout 80 python3 -m pytest -q -p no:cacheprovider --durations=5 tests/test_serving.py -k "gpu or cuda" 2>&1 | tail -25
+    echo "serving tests took $((SECONDS - t0)) s"
+    ;;
+  *) echo "unknown section $section (kernels, serving)";;
+  esac
+done
 
 echo "== device: $(python3 -c 'import torch; print(torch.cuda.get_device_name())')"

@@ -13,12 +13,15 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--backend", default="auto", help="auto, onnxruntime, torch or tensorrt (default: auto)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores of this process)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"),
+                   help="backbone precision: fp32 (fidelity mode, default) or opt-in fp16/bf16 (tensorrt, torch)")
 
 
 def _cmd_index_build(a) -> int:
     from .engine import Engine
     from .indexing import build_index
-    engine = Engine.load(a.bundle, device=a.device, backend=a.backend, threads=a.threads)
+    engine = Engine.load(a.bundle, device=a.device, backend=a.backend, threads=a.threads,
+                         precision=a.precision)
     rep = build_index(engine, a.folder, a.output, dtype="float16" if a.float16 else "float32",
                       commit_every=a.commit_every, progress=not a.quiet)
     print(f"indexed {rep.added} new image(s), skipped {rep.skipped} already in {a.output}, "
@@ -44,7 +47,8 @@ def _cmd_index_info(a) -> int:
 
 def _cmd_search(a) -> int:
     from .engine import Engine
-    engine = Engine.load(a.bundle, index=a.index, device=a.device, backend=a.backend, threads=a.threads)
+    engine = Engine.load(a.bundle, index=a.index, device=a.device, backend=a.backend, threads=a.threads,
+                         precision=a.precision)
     queries = a.queries
     res = engine.search(queries if len(queries) > 1 else queries[0], k=a.k, rerank=not a.no_rerank,
                         M=a.M, K=a.K, beta=a.beta)
@@ -70,7 +74,8 @@ def _cmd_search(a) -> int:
 
 def _cmd_describe(a) -> int:
     from .engine import Engine
-    engine = Engine.load(a.bundle, index=a.index, device=a.device, backend=a.backend, threads=a.threads)
+    engine = Engine.load(a.bundle, index=a.index, device=a.device, backend=a.backend, threads=a.threads,
+                         precision=a.precision)
     print(json.dumps(engine.describe(), indent=2, default=str))
     return 0
 

@@ -150,6 +150,7 @@ class Engine:
         wb = bundle.whitening()
         self._whiten = None if wb is None else (wb[0].to(self.device, torch.float32), wb[1].to(self.device, torch.float32))
         self.dim = int(bundle.dim)
+        self.search_impl = "auto"
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -157,7 +158,7 @@ class Engine:
              device: str = "cpu", backend: str = "auto", *, precision: str = "fp32", head_impl: str = "auto",
              rerank_impl: str = "auto", threads: int | None = None, max_side: int | None = None,
              cuda_graphs: bool | None = None, plan_cache: str | os.PathLike | None = None,
-             build_plan: bool = True) -> "Engine":
+             build_plan: bool = True, search_impl: str = "auto") -> "Engine":
         """Verify the bundle, create the backbone session once, open the index (same bundle only).
 
         device: "cpu" or "cuda[:N]"; backend: "auto", "onnxruntime", "torch" or "tensorrt" (see
@@ -167,7 +168,8 @@ class Engine:
         images (default: the bundle's, 2048). cuda_graphs: replay CUDA graphs of the torch
         backbone per input shape (default on for torch on CUDA). plan_cache / build_plan: where
         TensorRT plans are cached (default: beside the bundle) and whether a missing or stale one
-        may be built now (minutes). On CUDA the index rows are uploaded here, once.
+        may be built now (minutes). search_impl: the first-stage product ("auto", "upcast" or
+        "split", see sgengine.search). On CUDA the index rows are uploaded here, once.
         """
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise InputError(f"threads must be a positive integer, got {threads!r}")
@@ -178,6 +180,9 @@ class Engine:
             raise BundleError(f"{b.path}: head parameters {b.head_config} differ from SPEC 3's (R-GeM p=2.5, 5x5, "
                               "mix 0.5; GeM+ p=4.6, eps 1e-8), which the engine's head kernels implement")
         head, rerank = _resolve_impls(head_impl, rerank_impl, dev)
+        from .search import IMPLS as _SEARCH_IMPLS
+        if search_impl not in _SEARCH_IMPLS:
+            raise InputError(f"search_impl must be one of {_SEARCH_IMPLS}, got {search_impl!r}")
         bb = load_backbone(b, device=device, backend=backend, threads=threads, precision=precision,
                            cuda_graphs=cuda_graphs, plan_cache=plan_cache, build_plan=build_plan, max_side=max_side)
         if threads is not None:
@@ -195,8 +200,10 @@ class Engine:
             if idx.dim != b.dim:
                 raise IndexMismatchError(f"index {idx.path} holds {idx.dim}-d descriptors; bundle {b.path} makes {b.dim}-d")
             idx.preload(dev)
-        return cls(b, bb, idx, device=device, head_impl=head, rerank_impl=rerank,
-                   max_side=max_side if max_side is not None else b.max_side)
+        engine = cls(b, bb, idx, device=device, head_impl=head, rerank_impl=rerank,
+                     max_side=max_side if max_side is not None else b.max_side)
+        engine.search_impl = search_impl
+        return engine
 
     def describe(self) -> dict:
         """What runs where: model, backend, providers, precision, kernels, index."""
@@ -212,6 +219,7 @@ class Engine:
             "backend": self.backbone.describe(),
             "head_impl": self.head_impl,
             "rerank_impl": self.rerank_impl,
+            "search_impl": self._search_path(),
             "precision": getattr(self.backbone, "precision", "fp32"),
             "scales": list(self.scales),
             "max_side": self.max_side,
@@ -219,6 +227,12 @@ class Engine:
                 "path": str(self.index.path), "count": len(self.index), "dtype": self.index.dtype,
                 "rows": self.index.residency(self.device)},
         }
+
+    def _search_path(self) -> str:
+        if self.index is None:
+            return self.search_impl
+        from .search import resolve_impl
+        return resolve_impl(self.search_impl, self.device, self.index.dtype)
 
     # ---------------------------------------------------------------- embedding
     def decode(self, source: Any, *, name: str | None = None, color_order: str = "RGB") -> DecodedImage:
@@ -366,7 +380,7 @@ class Engine:
         # (Index.preload at load), the candidates are gathered there, and only the final top-k
         # ids and scores are copied back.
         t0 = timer.now()
-        scores, rows = self.index.search_tensor(q, max(k, m_eff), device=self.device)
+        scores, rows = self.index.search_tensor(q, max(k, m_eff), device=self.device, impl=self.search_impl)
         timer.add("search", t0)
         if rerank and len(q):
             from .rerank import rerank_first_stage

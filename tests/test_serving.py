@@ -204,7 +204,7 @@ def test_cuda_graph_cache_replays_eager_results():
 
 
 @cuda
-def test_streamed_index_equals_resident(default_bundle, photo_index, monkeypatch):
+def test_gpu_streamed_index_equals_resident(default_bundle, photo_index, monkeypatch):
     import sgengine.index as index_mod
     path, queries = photo_index
     gpu = Engine.load(default_bundle, index=path, max_side=MAX_SIDE, device="cuda", backend="torch")

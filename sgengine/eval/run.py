@@ -350,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"--bundle BUNDLE is required unless --features FILE is given; {_CVNET_HINT}")
         ds.check_images()
         from ..engine import Engine
-        engine = Engine.load(a.bundle, device=a.device, backend=a.backend, threads=a.threads)
+        engine = Engine.load(a.bundle, device=a.device, backend=a.backend, threads=a.threads,
+                             precision=getattr(a, "precision", "fp32"))
         bundle = engine.bundle
         desc = engine.describe()
         variant = f"{desc.get('precision', 'fp32')}_max{desc.get('max_side')}"
