@@ -82,6 +82,14 @@ _CRASH_POINTS = ("after-segment", "before-manifest", "after-manifest")
 DEVICE_HEADROOM_BYTES = 2 << 30  # left free beside a resident index: model, activations, rerank buffers
 
 
+def _device_key(device: torch.device | str) -> str:
+    """"cuda" and "cuda:0" name one GPU: key resident rows by the explicit index, or one GPU would hold two copies."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(device)
+
+
 def device_room_shortfall(device: torch.device, nbytes: int, *, free_bytes: int | None = None) -> str | None:
     """Why `nbytes` of index rows should not be made resident on `device` (None when they fit):
     they must leave DEVICE_HEADROOM_BYTES and a tenth of the free memory for everything else."""
@@ -425,7 +433,7 @@ class Index:
         # index larger than the device's free memory (less headroom for the model and the
         # rerank) stays on the host and is streamed chunk by chunk by topk_similarity: slower,
         # but it runs, and residency() says so.
-        key = str(device)
+        key = _device_key(device)
         t = self._device_rows.get(key)
         if t is not None:
             return t
@@ -446,7 +454,7 @@ class Index:
         device = torch.device(device)
         if device.type == "cpu":
             return "host"
-        key = str(device)
+        key = _device_key(device)
         if key in self._device_rows:
             return "resident"
         if key in self._streamed:
@@ -505,7 +513,7 @@ class Index:
         host round trip; otherwise the rows come from the host copy and only they are moved."""
         if not isinstance(rows, torch.Tensor) or rows.is_floating_point() or rows.is_complex():
             raise InputError(f"rows must be an integer tensor, got {getattr(rows, 'dtype', type(rows).__name__)}")
-        resident = self._device_rows.get(str(rows.device)) if rows.device.type != "cpu" else None
+        resident = self._device_rows.get(_device_key(rows.device)) if rows.device.type != "cpu" else None
         if resident is None:
             return torch.from_numpy(self.gather(rows)).to(rows.device)
         n = len(self)
