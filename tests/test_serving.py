@@ -80,6 +80,33 @@ def test_plan_cache_location(default_bundle, tmp_path):
     assert pc.cache_dir(b, tmp_path) == tmp_path / b.fingerprint[:16]
 
 
+def test_plan_decision_for_a_real_bundle(default_bundle, tmp_path):
+    """The TensorRT backend's choice (sgengine.backends.plan_cache.decide) on a real bundle: build
+    when nothing is cached, run a valid cached plan, refuse or rebuild a stale one."""
+    b = Bundle.load(default_bundle)
+    gpu, ver = "NVIDIA H100 80GB HBM3", "10.9.0"
+    d = pc.decide(b, gpu=gpu, tensorrt=ver, precision="fp16", plan_cache=tmp_path)
+    assert d.action == "build" and d.note == "" and d.directory == tmp_path / b.fingerprint[:16]
+    assert d.key.bundle_fingerprint == b.fingerprint and d.key.onnx_sha256 == b.manifest["files"]["backbone.onnx"]["sha256"]
+    # The profile covers every scaled size of an image between min_side and max_side.
+    lo, hi = d.profile["min"], d.profile["max"]
+    assert lo[2] <= int(b.min_side * min(b.head_config.scales)) and hi[2] >= int(b.max_side * max(b.head_config.scales))
+    with pytest.raises(BackendUnavailableError, match="missing plan .* build_plan=True"):
+        pc.decide(b, gpu=gpu, tensorrt=ver, precision="fp16", plan_cache=tmp_path, build_plan=False)
+    pc.store(d.directory, d.key, b"serialized-engine")
+    hit = pc.decide(b, gpu=gpu, tensorrt=ver, precision="fp16", plan_cache=tmp_path, build_plan=False)
+    assert hit.action == "run" and hit.path.read_bytes() == b"serialized-engine"
+    # A larger max_side needs a wider profile: the cached plan is stale for it.
+    with pytest.raises(BackendUnavailableError, match="stale plan .* does not cover"):
+        pc.decide(b, gpu=gpu, tensorrt=ver, precision="fp16", plan_cache=tmp_path, max_side=b.max_side * 2,
+                  build_plan=False)
+    # The bundle re-exported in place keeps the cache directory but not the graph: stale, rebuilt.
+    meta = json.loads(hit.path.with_suffix(".json").read_text())
+    hit.path.with_suffix(".json").write_text(json.dumps({**meta, "onnx_sha256": "0" * 64}))
+    again = pc.decide(b, gpu=gpu, tensorrt=ver, precision="fp16", plan_cache=tmp_path)
+    assert again.action == "build" and "onnx_sha256" in again.note
+
+
 @no_cuda
 def test_tensorrt_and_cuda_requests_fail_with_reasons(default_bundle):
     with pytest.raises(BackendUnavailableError, match="no CUDA GPU"):

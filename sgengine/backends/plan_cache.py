@@ -150,3 +150,46 @@ def store(directory: str | os.PathLike, key: PlanKey, plan_bytes: bytes, **extra
             "plan_sha256": hashlib.sha256(data).hexdigest(), **extra}
     _atomic_write(sidecar, json.dumps(meta, indent=1, sort_keys=True).encode())
     return PlanLookup("hit", plan, sidecar, "", meta)
+
+
+@dataclass
+class PlanDecision:
+    """What the TensorRT backend must do: "run" `path` (from the bundle manifest or the cache), or
+    "build" a plan for `key` into `directory` (`note` says why when a stale plan is replaced)."""
+    action: str
+    key: PlanKey | None = None
+    directory: Path | None = None
+    path: Path | None = None
+    profile: dict = field(default_factory=dict)
+    note: str = ""
+
+
+def decide(bundle, *, gpu: str, tensorrt: str, precision: str, plan_cache=None, max_side: int | None = None,
+           build_plan: bool = True) -> PlanDecision:
+    """Pick the plan for this GPU / TensorRT version / precision, or say one must be built.
+
+    An export-time plan from the bundle manifest wins when the engine uses the bundle's own
+    max_side; else the cache is consulted. A missing or stale cached plan with build_plan=False is
+    a BackendUnavailableError naming the reason (never a silent run of a plan for another graph).
+    """
+    from sgengine.export.tensorrt import profile_shapes
+    from ..bundle import sha256_file
+    from ..errors import BackendUnavailableError
+    for p in bundle.tensorrt_plans:
+        if (p.get("gpu"), p.get("tensorrt"), p.get("precision", "fp32")) == (gpu, tensorrt, precision) \
+                and max_side in (None, bundle.max_side):
+            return PlanDecision("run", path=Path(bundle.path) / p["file"], profile=p.get("profile", {}).get("image", {}))
+    shapes = profile_shapes(bundle.min_side, max_side or bundle.max_side, bundle.head_config.scales)
+    onnx_entry = bundle.manifest.get("files", {}).get(bundle.onnx_path.name, {})
+    key = PlanKey(gpu=gpu, tensorrt=tensorrt, precision=precision, bundle_fingerprint=bundle.fingerprint,
+                  onnx_sha256=onnx_entry.get("sha256") or sha256_file(bundle.onnx_path), profile=shapes)
+    directory = cache_dir(bundle, plan_cache)
+    found = lookup(directory, key)
+    if found.status == "hit":
+        return PlanDecision("run", key=key, directory=directory, path=found.plan, profile=shapes)
+    if not build_plan:
+        raise BackendUnavailableError(
+            f"tensorrt backend: {found.status} plan for {gpu}, TensorRT {tensorrt}, {precision}: {found.reason}; "
+            "load with build_plan=True to build it (minutes)")
+    note = f"rebuilt a stale plan: {found.reason}" if found.status == "stale" else ""
+    return PlanDecision("build", key=key, directory=directory, path=found.plan, profile=shapes, note=note)

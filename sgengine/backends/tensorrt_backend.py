@@ -19,14 +19,6 @@ from ..errors import BackendUnavailableError, InputError
 from . import plan_cache as pc
 
 
-def find_plan(bundle, gpu_name: str, trt_version: str, precision: str | None = None) -> dict | None:
-    for p in bundle.tensorrt_plans:
-        if p.get("gpu") == gpu_name and p.get("tensorrt") == trt_version and (
-                precision is None or p.get("precision", "fp32") == precision):
-            return p
-    return None
-
-
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -70,40 +62,26 @@ class TensorRTBackbone:
         self.providers = [f"TensorRT {trt.__version__}"]
 
     def _plan_bytes(self, bundle, trt, plan_cache, build_plan: bool, max_side, progress) -> tuple[bytes, dict]:
-        from ..bundle import sha256_file
-        from sgengine.export.tensorrt import build_serialized, profile_shapes
-        exported = find_plan(bundle, self.gpu, trt.__version__, self.precision)
-        if exported is not None and max_side in (None, bundle.max_side):
-            self.plan_source = str(bundle.path / exported["file"])
-            return (bundle.path / exported["file"]).read_bytes(), exported.get("profile", {}).get(self.input_name, {})
-        shapes = profile_shapes(bundle.min_side, max_side or bundle.max_side, bundle.head_config.scales)
-        onnx_entry = bundle.manifest.get("files", {}).get(bundle.onnx_path.name, {})
-        key = pc.PlanKey(gpu=self.gpu, tensorrt=trt.__version__, precision=self.precision,
-                         bundle_fingerprint=bundle.fingerprint,
-                         onnx_sha256=onnx_entry.get("sha256") or sha256_file(bundle.onnx_path), profile=shapes)
-        directory = pc.cache_dir(bundle, plan_cache)
-        found = pc.lookup(directory, key)
-        if found.status == "hit":
-            self.plan_source = str(found.plan)
-            return found.plan.read_bytes(), shapes
-        if not build_plan:
-            raise BackendUnavailableError(
-                f"tensorrt backend: {found.status} plan for {self.gpu}, TensorRT {trt.__version__}, {self.precision}: "
-                f"{found.reason}; load with build_plan=True to build it (minutes)")
-        if found.status == "stale":
-            self.cache_note = f"rebuilt a stale plan: {found.reason}"
-            progress(f"sgengine: {self.cache_note}")
-        data, _ = build_serialized(bundle.onnx_path, shapes=shapes, precision=self.precision,
+        from sgengine.export.tensorrt import build_serialized
+        d = pc.decide(bundle, gpu=self.gpu, tensorrt=trt.__version__, precision=self.precision,
+                      plan_cache=plan_cache, max_side=max_side, build_plan=build_plan)
+        if d.action == "run":
+            self.plan_source = str(d.path)
+            return d.path.read_bytes(), d.profile
+        if d.note:
+            self.cache_note = d.note
+            progress(f"sgengine: {d.note}")
+        data, _ = build_serialized(bundle.onnx_path, shapes=d.profile, precision=self.precision,
                                    input_name=self.input_name, progress=progress)
         try:
-            stored = pc.store(directory, key, data)
+            stored = pc.store(d.directory, d.key, data)
             self.plan_source = str(stored.plan)
         except OSError as e:  # a read-only bundle: run the plan, say it was not cached
             self.plan_source = "built in memory"
             self.cache_note = (self.cache_note + "; " if self.cache_note else "") + (
-                f"could not cache the plan in {directory} ({e}): pass plan_cache=DIR")
+                f"could not cache the plan in {d.directory} ({e}): pass plan_cache=DIR")
             progress(f"sgengine: {self.cache_note}")
-        return data, shapes
+        return data, d.profile
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != 3:
