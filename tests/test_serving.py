@@ -217,9 +217,9 @@ def test_gpu_query_equals_the_cpu_engine(default_bundle, photo_index):
 
 @cuda
 def test_cuda_graph_cache_replays_eager_results():
-    from sgengine.backends.torch_backend import CudaGraphCache
+    from sgengine.cuda_graphs import CudaGraphCache
     conv = torch.nn.Conv2d(3, 8, 3, padding=1).cuda().eval()
-    fn = lambda x: torch.relu(conv(x))  # noqa: E731
+    fn = lambda x, static=None: torch.relu(conv(x))  # noqa: E731
     cache = CudaGraphCache(fn, torch.device("cuda"), max_graphs=2, capture_after=2)
     with torch.inference_mode():
         for shape in [(1, 3, 16, 16), (1, 3, 16, 16), (1, 3, 16, 16), (2, 3, 9, 7), (2, 3, 9, 7), (1, 3, 5, 5),

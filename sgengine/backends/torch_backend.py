@@ -1,84 +1,20 @@
 """Backbone through the reference PyTorch trunk rebuilt from the bundle (eval mode, inference_mode).
 
 On CUDA: channels-last, cuDNN autotuning, fp32 (TF32 off: the fidelity mode) or opt-in fp16 /
-bf16 autocast, and one CUDA graph per input shape once a shape repeats (`CudaGraphCache`): a
+bf16 autocast, and one CUDA graph per input shape once a shape repeats (sgengine.cuda_graphs): a
 1024x768 query feeds three fixed shapes, so after warm-up each backbone call is one graph
 replay instead of ~200 kernel launches from Python. On the CPU: fp32, or bf16 autocast.
 """
 from __future__ import annotations
 
 import contextlib
-from collections import Counter, OrderedDict
-from typing import Callable
 
 import torch
 
+from ..cuda_graphs import CudaGraphCache
 from ..errors import BackendUnavailableError, InputError
 
 _AMP = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class CudaGraphCache:
-    """Run `fn(x)` through a CUDA graph captured for x's shape and dtype.
-
-    A shape is captured the `capture_after`-th time it is seen (the first calls run eagerly, and
-    let cuDNN autotune), at most `max_graphs` graphs are kept (least recently used dropped), and
-    all graphs share one memory pool. Each call copies x into the graph's static input, replays,
-    and returns a clone of the static output, so a caller may keep results across calls.
-    """
-
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device, *,
-                 max_graphs: int = 16, capture_after: int = 2) -> None:
-        if max_graphs < 1 or capture_after < 1:
-            raise InputError(f"max_graphs and capture_after must be >= 1, got {max_graphs}, {capture_after}")
-        self.fn = fn
-        self.device = device
-        self.max_graphs = int(max_graphs)
-        self.capture_after = int(capture_after)
-        self._graphs: OrderedDict[tuple, tuple] = OrderedDict()
-        self._seen: Counter = Counter()
-        self._pool = None
-        self.captures = 0
-        self.replays = 0
-
-    def __len__(self) -> int:
-        return len(self._graphs)
-
-    def _capture(self, x: torch.Tensor) -> tuple:
-        static_in = torch.empty_like(x)
-        static_in.copy_(x)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # warm-up off the capture: lazy inits, autotuning, allocator
-            for _ in range(2):
-                self.fn(static_in)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            static_out = self.fn(static_in)
-        self.captures += 1
-        return graph, static_in, static_out
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        key = (tuple(x.shape), x.dtype, x.stride())
-        entry = self._graphs.get(key)
-        if entry is None:
-            self._seen[key] += 1
-            if self._seen[key] < self.capture_after:
-                return self.fn(x)
-            entry = self._capture(x)
-            self._graphs[key] = entry
-            if len(self._graphs) > self.max_graphs:
-                self._graphs.popitem(last=False)
-        else:
-            self._graphs.move_to_end(key)
-        graph, static_in, static_out = entry
-        static_in.copy_(x)
-        graph.replay()
-        self.replays += 1
-        return static_out.clone()
 
 
 class TorchBackbone:
@@ -115,7 +51,8 @@ class TorchBackbone:
         self._amp = _AMP[precision]
         self.providers = [f"torch-{self.device.type}"]
         use_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
-        self.graphs = CudaGraphCache(self._forward, self.device, max_graphs=max_graphs) if use_graphs else None
+        self.graphs = (CudaGraphCache(lambda x, static=None: self._forward(x), self.device, max_graphs=max_graphs)
+                       if use_graphs else None)
 
     def _context(self):
         stack = contextlib.ExitStack()
@@ -153,7 +90,5 @@ class TorchBackbone:
         if self.device.type == "cuda":
             d["gpu"] = torch.cuda.get_device_name(self.device)
             d["tf32"] = False
-            d["cuda_graphs"] = None if self.graphs is None else {
-                "captured": len(self.graphs), "max": self.graphs.max_graphs,
-                "capture_after": self.graphs.capture_after}
+            d["cuda_graphs"] = None if self.graphs is None else self.graphs.describe()
         return d
