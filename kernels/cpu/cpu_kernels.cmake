@@ -1,4 +1,5 @@
-# Native CPU kernels: the Python extension sgengine.kernels._cpu (kernels/cpu/gem.cpp).
+# Native CPU kernels: the Python extensions sgengine.kernels._cpu (kernels/cpu/gem.cpp, pooling head)
+# and sgengine.kernels._rerank_cpu (kernels/cpu/rerank_select.cpp, certified rerank neighbours).
 # Included from the top-level CMakeLists.txt in wheel/editable builds and plain CMake builds alike
 # (a plain build compiles it as a check and installs it nowhere useful; it is harmless there).
 #
@@ -15,23 +16,29 @@
 # - OpenMP when found: the extension then shares the OpenMP runtime torch already loaded
 #   (libgomp.so.1 by soname), so the two thread pools do not fight; else std::thread.
 pybind11_add_module(_cpu MODULE ${CMAKE_CURRENT_LIST_DIR}/gem.cpp)
-target_compile_features(_cpu PRIVATE cxx_std_17)
-if(CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
-  target_compile_options(_cpu PRIVATE -O3 -fno-math-errno -fno-trapping-math)
-elseif(MSVC)
-  target_compile_options(_cpu PRIVATE /O2)
-endif()
-
+pybind11_add_module(_rerank_cpu MODULE ${CMAKE_CURRENT_LIST_DIR}/rerank_select.cpp)
 find_package(OpenMP COMPONENTS CXX)
-if(OpenMP_CXX_FOUND)
-  target_link_libraries(_cpu PRIVATE OpenMP::OpenMP_CXX)
-  message(STATUS "sgengine: _cpu kernels with OpenMP ${OpenMP_CXX_VERSION}")
-else()
+if(NOT OpenMP_CXX_FOUND)
   find_package(Threads REQUIRED)
-  target_link_libraries(_cpu PRIVATE Threads::Threads)
-  message(STATUS "sgengine: _cpu kernels with std::thread (OpenMP not found)")
 endif()
-
-if(SKBUILD)
-  install(TARGETS _cpu LIBRARY DESTINATION sgengine/kernels)
+foreach(_sg_kernel _cpu _rerank_cpu)
+  target_compile_features(${_sg_kernel} PRIVATE cxx_std_17)
+  if(CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
+    target_compile_options(${_sg_kernel} PRIVATE -O3 -fno-math-errno -fno-trapping-math)
+  elseif(MSVC)
+    target_compile_options(${_sg_kernel} PRIVATE /O2)
+  endif()
+  if(OpenMP_CXX_FOUND)
+    target_link_libraries(${_sg_kernel} PRIVATE OpenMP::OpenMP_CXX)
+  else()
+    target_link_libraries(${_sg_kernel} PRIVATE Threads::Threads)
+  endif()
+  if(SKBUILD)
+    install(TARGETS ${_sg_kernel} LIBRARY DESTINATION sgengine/kernels)
+  endif()
+endforeach()
+if(OpenMP_CXX_FOUND)
+  message(STATUS "sgengine: native kernels with OpenMP ${OpenMP_CXX_VERSION}")
+else()
+  message(STATUS "sgengine: native kernels with std::thread (OpenMP not found)")
 endif()
