@@ -212,7 +212,7 @@ def table(results: dict, precision: dict, device: str, rows: int) -> str:
     lines = [f"Serving latency of one 1024x768 query: 3 scales, random-weight CVNet R50, {rows:,} float16 rows, "
              "M=400, K=9, top 100. Medians in ms.",
              f"{'mode':<22}{'backbone':>10}{'head':>8}{'search':>8}{'gather':>8}{'rerank':>8}{'prep':>7}"
-             f"{'total':>9}{'p90':>8}  vs eager fp32 (total, backbone)"]
+             f"{'total':>10}{'p90':>10}  vs eager fp32 (total, backbone)"]
     for label, r in results.items():
         if "total_ms" not in r:
             lines.append(f"{label:<22}{'skipped' if 'skipped' in r else 'error'}: {r.get('skipped') or r.get('error')}")
@@ -223,7 +223,7 @@ def table(results: dict, precision: dict, device: str, rows: int) -> str:
             ratio = (f"  {base['total_ms'] / r['total_ms']:.2f}x, "
                      f"{base['stages_ms']['backbone'] / max(s['backbone'], 1e-9):.2f}x")
         lines.append(f"{label:<22}{s['backbone']:>10.2f}{s['head']:>8.2f}{s['search']:>8.2f}{s['gather']:>8.2f}"
-                     f"{s['rerank']:>8.2f}{s['preprocess']:>7.2f}{r['total_ms']:>9.2f}{r['p90_ms']:>8.2f}{ratio}")
+                     f"{s['rerank']:>8.2f}{s['preprocess']:>7.2f}{r['total_ms']:>10.2f}{r['p90_ms']:>10.2f}{ratio}")
     timed = {k: v for k, v in results.items() if "total_ms" in v and k != "eager fp32"}
     if timed and "total_ms" in base:
         best = min(timed, key=lambda k: timed[k]["total_ms"])
