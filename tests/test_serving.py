@@ -206,6 +206,9 @@ def test_gpu_query_equals_the_cpu_engine(default_bundle, photo_index):
     for _ in range(3):  # the second call of each shape captures its graph, the third replays it
         r_gpu = gpu.search(queries[0], k=10)
     assert gpu.backbone.graphs.captures >= len(gpu.scales) and gpu.backbone.graphs.replays >= len(gpu.scales)
+    assert not gpu.backbone.graphs.failures, gpu.backbone.graphs.failures
+    assert d["rerank_impl"] == "triton +cuda_graphs"
+    assert gpu._rerank_graphs.replays >= 1 and not gpu._rerank_graphs.failures, gpu._rerank_graphs.failures
     for q in queries:
         a, b = cpu.search(q, k=10), gpu.search(q, k=10)
         assert_rankings_agree(a.rows, a.scores, b.rows, b.scores, rtol=1e-4)
