@@ -11,6 +11,8 @@ impls:
 - chain: `sgengine.rerank.rerank_loop_chain` in float32, one query at a time, full sorts;
 - reference: `sgengine.rerank.rerank_candidates_reference` (batched plain PyTorch);
 - triton: `rerank_candidates_triton`, fp32 fidelity mode (cuBLAS IEEE Gram);
+- triton_graph: the same replayed from a CUDA graph (sgengine.cuda_graphs, as the engine runs it
+  on CUDA): one launch instead of ~8, which is what batch 1 is bound by;
 - triton_tgram: same, with the symmetric Triton Gram kernel (IEEE fp32);
 - triton_tf32 / triton_fp16 / triton_bf16: opt-in Gram precisions;
 - gram_bmm: the floor, one batched float32 (IEEE) bmm of the same Gram shapes.
@@ -25,7 +27,7 @@ import torch
 
 SHAPES = [(1, 100), (1, 400), (1, 1600), (70, 100), (70, 400), (70, 1600)]
 N, D, K, BETA = 5000, 2048, 9, 0.15
-IMPLS = ["chain", "reference", "triton", "triton_tgram", "triton_tf32", "triton_fp16", "triton_bf16",
+IMPLS = ["chain", "reference", "triton", "triton_graph", "triton_tgram", "triton_tf32", "triton_fp16", "triton_bf16",
          "gram_bmm"]
 # Per benchmark: enough rounds for a stable median, about 0.4 s of timed work.
 TARGET_S, MIN_ROUNDS, MAX_ROUNDS = 0.4, 5, 200
@@ -76,6 +78,17 @@ def _impl(name: str):
         return lambda q, Y: rerank_candidates_reference(q, Y, K, BETA)
     if name == "gram_bmm":
         return lambda q, Y: _ieee_bmm(Y)
+    if name == "triton_graph":
+        from sgengine.cuda_graphs import CudaGraphCache
+        graphs = CudaGraphCache(lambda q, Y, static=None: rerank_candidates_triton(q, Y, K, BETA), "cuda",
+                                capture_after=1)
+
+        def replay(q, Y):
+            out = graphs(q, Y)
+            if graphs.failures:
+                raise RuntimeError(f"CUDA graph capture failed: {graphs.failures}")
+            return out
+        return replay
     kw = variants[name]
     return lambda q, Y: rerank_candidates_triton(q, Y, K, BETA, **kw)
 
