@@ -2,24 +2,26 @@
 // sgengine.kernels._rerank_cpu, driven by sgengine.kernels.rerank_cpu (which holds the derivation
 // of the error bound in its docstring; the constants here follow it).
 //
-//   split_bf16: the candidates Y [rows, D] float32 -> two bfloat16 GEMM operands
+//   prepare_bf16: the candidates Y [rows, D] float32 -> two bfloat16 GEMM operands
 //               L = [bf16(Y) | 1 | 0...], R = [bf16(Y) | -c | 0...]  (row stride ld >= D + 1),
 //               so that L R^T = bf16(Y) bf16(Y)^T - c with c summed inside the fp32 accumulation;
-//               plus each row's norm ||y_i|| and rounding residual ||y_i - bf16(y_i)|| (double).
+//               in the same pass d = Y q, then c from d, and the bound's row terms from each
+//               row's norm ||y_i|| and rounding residual ||y_i - bf16(y_i)|| (float64).
 //   certified_topk: given that approximate Gram A (bfloat16 [b, M, M], any fp32-accumulating
 //               GEMM of L and R) and the bound parameters, per row i: the K'-th largest approximate
 //               value t, the cut lo = (t + c) - e(t) that the exact K'-th largest value cannot be
 //               below, the candidates j whose approximate value plus its bound reaches lo (every
 //               other column is provably outside the exact top K'), exact float32 dots y_i . y_j
 //               for the candidates only (a pair both rows hold is dotted once), and the top K' of
-//               those, descending (ties: lower index). A row with more than `cap` candidates
-//               computes its whole exact row instead.
+//               those, descending (ties: lower index), with float64 dots deciding the cut where
+//               float32 ones cannot. A row with more than `cap` candidates computes its whole
+//               exact row instead.
 //
 // Why a kernel: torch.topk over a 400 x 400 Gram costs about as much as the bfloat16 product
 // itself, and a gather of the candidate rows for a batched dot writes M' x L x D floats.
 //
-// ISA: portable scalar loops and an AVX-512 variant of the two inner loops (intrinsics, compiled
-// with a target attribute), picked at run time with __builtin_cpu_supports, so the wheel needs no
+// ISA: portable scalar loops and an AVX-512 variant of the inner loops (intrinsics, compiled with
+// a target attribute), picked at run time with __builtin_cpu_supports, so the wheel needs no
 // -march (as kernels/cpu/gem.cpp).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -28,6 +30,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -68,22 +71,24 @@ RS_INLINE float bf16_value(uint16_t h) { return as_float(static_cast<uint32_t>(h
 // split scalar), so the fast variant is written out. The certified path only pays off on CPUs
 // with AVX512_BF16, which all have AVX-512F/BW/VL/DQ.
 //
-// split_row: bfloat16 of a float32 row (nearest even) into L and R, and the squared norms of the
-// row and of its rounding residual, summed in float64 (the squares of float32 values are exact in
-// float64 and never underflow, so the sums err by a relative ~D 2^-53 only). Returns nonzero when
-// a value is NaN/inf or rounds to inf.
+// split_row: bfloat16 of a float32 row (nearest even) into L and R, the squared norms of the row
+// and of its rounding residual, summed in float64 (the squares of float32 values are exact in
+// float64 and never underflow, so the sums err by a relative ~D 2^-53 only), and the row's
+// float32 dot with q (when q is given). Returns nonzero when a value is NaN/inf or rounds to inf.
 // dots: out[j] = a . b[j] for n rows b[j], kDots at a time, so that each load of `a` feeds kDots
 // fused multiply-adds (about one load per FMA instead of two: the loop is load-bound).
 constexpr int kDots = 8;
 
 RS_INLINE uint32_t bf16_rne_bits(uint32_t u) { return u + 0x7FFFu + ((u >> 16) & 1u); }
 
-int split_row_scalar(const float* __restrict y, uint16_t* __restrict L, uint16_t* __restrict R, int64_t D,
-                     double* n2, double* r2) {
+int split_row_scalar(const float* __restrict y, const float* __restrict q, uint16_t* __restrict L,
+                     uint16_t* __restrict R, int64_t D, double* n2, double* r2, float* dq) {
   double sn = 0.0, sr = 0.0;
+  float sd = 0.0f;
   int bad = 0;
   for (int64_t k = 0; k < D; ++k) {
     const float f = y[k];
+    if (q) sd += f * q[k];
     const uint32_t hb = bf16_rne_bits(as_bits(f)) & 0xFFFF0000u;
     bad |= (hb & 0x7F800000u) == 0x7F800000u;
     L[k] = R[k] = static_cast<uint16_t>(hb >> 16);
@@ -93,6 +98,7 @@ int split_row_scalar(const float* __restrict y, uint16_t* __restrict L, uint16_t
   }
   *n2 = sn;
   *r2 = sr;
+  *dq = sd;
   return bad;
 }
 
@@ -104,16 +110,94 @@ void dots_scalar(const float* __restrict a, const float* const* b, int n, int64_
   }
 }
 
+// kth_largest: the K'-th largest of M bfloat16 values, through a descending buffer top[K'] that
+// a value enters only if it beats the current K'-th (rarely, after the first few dozen).
+// collect_ge: the indices of the values >= thr, ascending, into out (room for M + 16); returns
+// how many.
+RS_INLINE void insert_top(float* top, int64_t Kp, float x) {
+  int64_t p = Kp - 1;
+  while (p > 0 && top[p - 1] < x) { top[p] = top[p - 1]; --p; }
+  top[p] = x;
+}
+
+float kth_largest_scalar(const uint16_t* __restrict a, int64_t M, int64_t Kp, float* top) {
+  for (int64_t k = 0; k < Kp; ++k) top[k] = -INFINITY;
+  for (int64_t j = 0; j < M; ++j) {
+    const float x = bf16_value(a[j]);
+    if (x > top[Kp - 1]) insert_top(top, Kp, x);
+  }
+  return top[Kp - 1];
+}
+
+int64_t collect_ge_scalar(const uint16_t* __restrict a, int64_t M, float thr, int32_t* out) {
+  int64_t n = 0;
+  for (int64_t j = 0; j < M; ++j)
+    if (bf16_value(a[j]) >= thr) out[n++] = static_cast<int32_t>(j);
+  return n;
+}
+
 #if RS_X86_DISPATCH
-RS_TARGET_AVX512 int split_row_avx512(const float* __restrict y, uint16_t* __restrict L, uint16_t* __restrict R,
-                                      int64_t D, double* n2, double* r2) {
+RS_TARGET_AVX512 RS_INLINE __m512 bf16x16(const uint16_t* a, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, a)), 16));
+}
+
+RS_TARGET_AVX512 RS_INLINE __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+}
+
+// The K' <= 16 largest values live in one register, sorted: an insertion is a compare, a lane
+// shift and two blends, with no branch (the scalar insertion's mispredicted loop exits made
+// this ~25% of the kernel). A value inserted below the K'-th only moves lanes >= K'.
+RS_TARGET_AVX512 float kth_largest_avx512(const uint16_t* __restrict a, int64_t M, int64_t Kp, float* top) {
+  if (Kp > 16) return kth_largest_scalar(a, M, Kp, top);
+  const __m512i prev = _mm512_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14);
+  const __m512i kth = _mm512_set1_epi32(static_cast<int>(Kp - 1));
+  __m512 t = _mm512_set1_ps(-INFINITY), floor_v = t;
+  for (int64_t j = 0; j < M; j += 16) {
+    const __mmask16 m = tail_mask(M - j);
+    uint32_t gt = _mm512_mask_cmp_ps_mask(m, bf16x16(a + j, m), floor_v, _CMP_GT_OQ);
+    if (!gt) continue;
+    while (gt) {
+      const __m512 x = _mm512_set1_ps(bf16_value(a[j + __builtin_ctz(gt)]));
+      gt &= gt - 1;
+      const uint32_t lt = _mm512_cmp_ps_mask(t, x, _CMP_LT_OQ);  // a suffix of the lanes
+      const __mmask16 first = static_cast<__mmask16>(lt & (0u - lt));
+      t = _mm512_mask_blend_ps(static_cast<__mmask16>(lt), t, _mm512_permutexvar_ps(prev, t));
+      t = _mm512_mask_blend_ps(first, t, x);
+    }
+    floor_v = _mm512_permutexvar_ps(kth, t);
+  }
+  return _mm512_cvtss_f32(floor_v);
+}
+
+RS_TARGET_AVX512 int64_t collect_ge_avx512(const uint16_t* __restrict a, int64_t M, float thr, int32_t* out) {
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 t = _mm512_set1_ps(thr);
+  int64_t n = 0;
+  for (int64_t j = 0; j < M; j += 16) {
+    const __mmask16 m = tail_mask(M - j);
+    const __mmask16 ge = _mm512_mask_cmp_ps_mask(m, bf16x16(a + j, m), t, _CMP_GE_OQ);
+    if (!ge) continue;
+    // Compress in a register, then a plain store (out has 16 spare slots): a compressing store to
+    // memory is microcoded on AMD Zen 4 and cost ~40% of this kernel.
+    const __m512i idx = _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int>(j)));
+    _mm512_storeu_si512(out + n, _mm512_maskz_compress_epi32(ge, idx));
+    n += __builtin_popcount(ge);
+  }
+  return n;
+}
+
+RS_TARGET_AVX512 int split_row_avx512(const float* __restrict y, const float* __restrict q, uint16_t* __restrict L,
+                                      uint16_t* __restrict R, int64_t D, double* n2, double* r2, float* dq) {
   const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7FFF);
   const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)), expo = _mm512_set1_epi32(0x7F800000);
   __m512d sn0 = _mm512_setzero_pd(), sn1 = sn0, sr0 = sn0, sr1 = sn0;
+  __m512 sd = _mm512_setzero_ps();
   __mmask16 bad = 0;
   for (int64_t k = 0; k < D; k += 16) {
     const __mmask16 m = D - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (D - k)) - 1u);
     const __m512 f = _mm512_maskz_loadu_ps(m, y + k);
+    if (q) sd = _mm512_fmadd_ps(f, _mm512_maskz_loadu_ps(m, q + k), sd);
     const __m512i u = _mm512_castps_si512(f);
     const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
     const __m512i hb = _mm512_and_si512(r, hi);
@@ -131,6 +215,7 @@ RS_TARGET_AVX512 int split_row_avx512(const float* __restrict y, uint16_t* __res
   }
   *n2 = _mm512_reduce_add_pd(_mm512_add_pd(sn0, sn1));
   *r2 = _mm512_reduce_add_pd(_mm512_add_pd(sr0, sr1));
+  *dq = _mm512_reduce_add_ps(sd);
   return bad != 0;
 }
 
@@ -138,11 +223,20 @@ template <int N>
 RS_TARGET_AVX512 RS_INLINE void dots_n_avx512(const float* __restrict a, const float* const* b, int64_t D,
                                               float* out) {
   __m512 acc[N];
-  for (int j = 0; j < N; ++j) acc[j] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < D; k += 16) {
-    const __mmask16 m = D - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (D - k)) - 1u);
+  const float* bj[N];
+  for (int j = 0; j < N; ++j) {
+    acc[j] = _mm512_setzero_ps();
+    bj[j] = b[j];
+  }
+  int64_t k = 0;
+  for (; k + 16 <= D; k += 16) {  // unmasked: masked loads measured ~20% slower here
+    const __m512 x = _mm512_loadu_ps(a + k);
+    for (int j = 0; j < N; ++j) acc[j] = _mm512_fmadd_ps(x, _mm512_loadu_ps(bj[j] + k), acc[j]);
+  }
+  if (k < D) {
+    const __mmask16 m = tail_mask(D - k);
     const __m512 x = _mm512_maskz_loadu_ps(m, a + k);
-    for (int j = 0; j < N; ++j) acc[j] = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(m, b[j] + k), acc[j]);
+    for (int j = 0; j < N; ++j) acc[j] = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(m, bj[j] + k), acc[j]);
   }
   for (int j = 0; j < N; ++j) out[j] = _mm512_reduce_add_ps(acc[j]);
 }
@@ -155,37 +249,66 @@ RS_TARGET_AVX512 void dots_avx512(const float* __restrict a, const float* const*
 }
 #endif
 
+// Summation depth of one dot in each variant: the scalar loop adds D products in sequence; the
+// AVX-512 one accumulates ceil(D / 16) fused products per lane, then a 4-level tree over lanes.
+int64_t dot_depth_scalar(int64_t D) { return D; }
+int64_t dot_depth_avx512(int64_t D) { return (D + 15) / 16 + 4; }
+
+// A float64 dot of float32 rows: the products are exact, and the sum errs by ~D 2^-53 relative,
+// which decides the near-ties a float32 dot cannot (see topk_row).
+double dot_f64(const float* __restrict a, const float* __restrict b, int64_t D) {
+  double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+  int64_t k = 0;
+  for (; k + 4 <= D; k += 4) {
+    s0 += static_cast<double>(a[k]) * b[k];
+    s1 += static_cast<double>(a[k + 1]) * b[k + 1];
+    s2 += static_cast<double>(a[k + 2]) * b[k + 2];
+    s3 += static_cast<double>(a[k + 3]) * b[k + 3];
+  }
+  for (; k < D; ++k) s0 += static_cast<double>(a[k]) * b[k];
+  return (s0 + s1) + (s2 + s3);
+}
+
 struct Kernels {
-  int (*split_row)(const float*, uint16_t*, uint16_t*, int64_t, double*, double*);
+  int64_t (*dot_depth)(int64_t D);  // additions any one dot result went through (its error bound)
+  int (*split_row)(const float*, const float*, uint16_t*, uint16_t*, int64_t, double*, double*, float*);
+  float (*kth_largest)(const uint16_t*, int64_t, int64_t, float*);
+  int64_t (*collect_ge)(const uint16_t*, int64_t, float, int32_t*);
   void (*dots)(const float*, const float* const*, int, int64_t, float*);  // out[j] = a . b[j], j < n
 };
 
-// ---------------------------------------------------------------------------- split_bf16
-struct SplitJob {
-  const float* y;       // [rows, D]
-  uint16_t* left;       // [rows, ld]
-  uint16_t* right;      // [rows, ld]
-  const float* shift;   // [rows / M]: c per query (a bfloat16 value)
-  double* norm;         // [rows]
-  double* resid;        // [rows]
-  int64_t rows, M, D, ld;
+// ---------------------------------------------------------------------------- prepare_bf16
+struct PrepareJob {
+  const float* y;       // [b * M, D]
+  const float* q;       // [b, D] or null
+  uint16_t* left;       // [b * M, ld]
+  uint16_t* right;      // [b * M, ld]
+  float* shift;         // [b]: c, computed from d when q is given, else read
+  float* d;             // [b * M]: y_i . q (when q is given)
+  double* base;         // [b * M]: the row terms of the bound
+  double* norm;         // [b * M]: ||y_i||
+  double safety;
+  int64_t b, M, D, ld, Kp;
 };
 
-// Returns how many rows held a non-finite value (or one that rounds to inf in bfloat16).
-int64_t split_range(const SplitJob& jb, const Kernels& kn, int64_t begin, int64_t end) {
-  int64_t bad_rows = 0;
-  for (int64_t i = begin; i < end; ++i) {
-    uint16_t* L = jb.left + i * jb.ld;
-    uint16_t* R = jb.right + i * jb.ld;
-    double n2 = 0.0, r2 = 0.0;
-    bad_rows += kn.split_row(jb.y + i * jb.D, L, R, jb.D, &n2, &r2) != 0;
-    L[jb.D] = 0x3F80u;  // 1.0
-    R[jb.D] = static_cast<uint16_t>(bf16_rne_bits(as_bits(-jb.shift[i / jb.M])) >> 16);
-    for (int64_t k = jb.D + 1; k < jb.ld; ++k) L[k] = R[k] = 0;
-    jb.norm[i] = std::sqrt(n2);
-    jb.resid[i] = std::sqrt(r2);
+// The bound's row terms for one query (see kernels/rerank_cpu.py for the derivation):
+// base_i = safety * (n_i rmax + r_i nmax + r_i rmax + gamma_{D+1} ((n_i + r_i)(nmax + rmax) + |c|))
+//          + (D + 1) 2^-125   (flushed subnormal products and sums),
+// gamma_n = n 2^-24 / (1 - n 2^-24).
+void bound_rows(const PrepareJob& jb, int64_t q, const double* norm, const double* resid) {
+  const int64_t M = jb.M;
+  double nmax = 0.0, rmax = 0.0;
+  for (int64_t i = 0; i < M; ++i) {
+    nmax = std::max(nmax, norm[i]);
+    rmax = std::max(rmax, resid[i]);
   }
-  return bad_rows;
+  const double n1 = static_cast<double>(jb.D + 1), u = std::ldexp(1.0, -24);
+  const double gamma = n1 * u / (1.0 - n1 * u), c = std::fabs(static_cast<double>(jb.shift[q]));
+  for (int64_t i = 0; i < M; ++i) {
+    const double n = norm[i], r = resid[i];
+    jb.base[q * M + i] = jb.safety * (n * rmax + r * nmax + r * rmax + gamma * ((n + r) * (nmax + rmax) + c)) +
+                         n1 * std::ldexp(1.0, -125);
+  }
 }
 
 // ---------------------------------------------------------------------------- certified_topk
@@ -194,6 +317,7 @@ struct SelectJob {
   const float* y;         // [b, M, D] float32
   const float* shift;     // [b]: c
   const double* base;     // [b * M]: the row's input + accumulation bound (see rerank_cpu.py)
+  const double* norm;     // [b * M]: ||y_i||
   double out_rel;         // output rounding bound, relative to |a_ij|
   float* v;               // [b, M, Kp] exact values, descending
   int64_t* n;             // [b, M, Kp] their columns
@@ -205,25 +329,19 @@ struct QueryScratch {
   std::vector<std::vector<int32_t>> cand;
   std::vector<std::vector<float>> val;
   std::vector<uint8_t> dense;
+  std::vector<uint64_t> bits;  // [M][words]: bit (i, j) set when j is a candidate of row i
+  int64_t words = 0;
+  bool has(int64_t i, int64_t j) const { return (bits[i * words + (j >> 6)] >> (j & 63)) & 1u; }
 };
 
 // Phase 1, row i of query q: the candidates (every column that may be in the exact top K').
-void candidates_row(const SelectJob& jb, int64_t q, int64_t i, std::vector<float>& top, QueryScratch& qs) {
+void candidates_row(const SelectJob& jb, const Kernels& kn, int64_t q, int64_t i, std::vector<float>& top,
+                    QueryScratch& qs) {
   const int64_t M = jb.M, Kp = jb.Kp, row = q * M + i;
   const uint16_t* __restrict a = jb.a + row * M;
-  // K'-th largest approximate value: a descending buffer of K' floats with an early reject.
-  top.assign(static_cast<size_t>(Kp), -INFINITY);
-  float floor_v = -INFINITY;
-  for (int64_t j = 0; j < M; ++j) {
-    const float x = bf16_value(a[j]);
-    if (!(x > floor_v)) continue;
-    int64_t p = Kp - 1;
-    while (p > 0 && top[p - 1] < x) { top[p] = top[p - 1]; --p; }
-    top[p] = x;
-    floor_v = top[Kp - 1];
-  }
+  top.resize(static_cast<size_t>(Kp));
+  const double t = kn.kth_largest(a, M, Kp, top.data());  // the K'-th largest approximate value
   const double c = jb.shift[q], base = jb.base[row], rel = jb.out_rel;
-  const double t = top[Kp - 1];
   // x - e(x) and x + e(x) are increasing in x (rel < 1), so the K' largest approximate values are
   // all >= lo after subtracting their bounds: the exact K'-th largest value is >= lo. A column whose
   // approximate value plus its bound stays below lo is therefore below the exact K'-th value.
@@ -234,9 +352,8 @@ void candidates_row(const SelectJob& jb, int64_t q, int64_t i, std::vector<float
   // Rounded down to float: a comparison of the float a_j against it can only add candidates.
   const float thr_f = std::nextafter(static_cast<float>(thr), -INFINITY);
   std::vector<int32_t>& cand = qs.cand[i];
-  cand.clear();
-  for (int64_t j = 0; j < M; ++j)
-    if (bf16_value(a[j]) >= thr_f) cand.push_back(static_cast<int32_t>(j));
+  cand.resize(static_cast<size_t>(M + 16));
+  cand.resize(static_cast<size_t>(kn.collect_ge(a, M, thr_f, cand.data())));
   qs.dense[i] = static_cast<int64_t>(cand.size()) > jb.cap || static_cast<int64_t>(cand.size()) < Kp;
   if (qs.dense[i]) {
     // Too many to be worth a gather, or fewer than K' (cannot happen for finite input; kept as the
@@ -245,6 +362,9 @@ void candidates_row(const SelectJob& jb, int64_t q, int64_t i, std::vector<float
     for (int64_t j = 0; j < M; ++j) cand[j] = static_cast<int32_t>(j);
   }
   qs.val[i].resize(cand.size());
+  uint64_t* bits = qs.bits.data() + i * qs.words;
+  std::fill(bits, bits + qs.words, uint64_t{0});
+  for (int32_t j : cand) bits[j >> 6] |= uint64_t{1} << (j & 63);
 }
 
 RS_INLINE int64_t position(const std::vector<int32_t>& sorted, int32_t x) {
@@ -262,7 +382,7 @@ int64_t dots_row(const SelectJob& jb, const Kernels& kn, int64_t q, int64_t i, Q
   const std::vector<int32_t>& cand = qs.cand[i];
   mine.clear();
   for (int32_t j : cand)
-    if (!(j < i && position(qs.cand[j], static_cast<int32_t>(i)) >= 0)) mine.push_back(j);
+    if (!(j < i && qs.has(j, i))) mine.push_back(j);
   out.resize(mine.size());
   const float* bs[kDots];
   for (size_t g = 0; g < mine.size(); g += kDots) {
@@ -276,29 +396,72 @@ int64_t dots_row(const SelectJob& jb, const Kernels& kn, int64_t q, int64_t i, Q
     if (cand[p] == mine[k]) val[p] = out[k++];
   for (size_t k = 0; k < mine.size(); ++k) {
     const int32_t j = mine[k];
-    if (j > i) {
-      const int64_t p = position(qs.cand[j], static_cast<int32_t>(i));
-      if (p >= 0) qs.val[j][p] = out[k];
-    }
+    if (j > i && qs.has(j, i)) qs.val[j][position(qs.cand[j], static_cast<int32_t>(i))] = out[k];
   }
   return static_cast<int64_t>(mine.size());
 }
 
 // Phase 3, row i: the top K' of the exact values, descending, ties by lower column (torch.topk
 // leaves ties unspecified; SPEC 6, ties).
-void topk_row(const SelectJob& jb, int64_t q, int64_t i, const QueryScratch& qs,
-              std::vector<std::pair<float, int32_t>>& vals) {
+//
+// The float32 dots err by at most tau = gamma_depth ||y_i|| ||y_j|| (|sum of products| <=
+// ||y_i|| ||y_j||), ~8e-6 for unit rows at D = 2048 in the AVX-512 variant: far above the ~1e-7
+// they typically err by, but two candidates within float32 rounding of each other at the cut
+// (the K'-th and (K'+1)-th) do occur (~1 row in 500 on clustered data), and a float32 path then
+// picks either. So every candidate within 2 tau of the K'-th value is recomputed in float64 and
+// the cut is made on those: the set is then the exact top K' (in real arithmetic, up to float64
+// rounding). Candidates above that window are in the top K' whatever their error (fewer than K'
+// candidates even look larger than the K'-th); those below are out.
+void topk_row(const SelectJob& jb, const Kernels& kn, int64_t q, int64_t i, const QueryScratch& qs,
+              std::vector<std::pair<float, int32_t>>& best, std::vector<std::pair<double, int32_t>>& amb) {
   const std::vector<int32_t>& cand = qs.cand[i];
-  vals.resize(cand.size());
-  for (size_t p = 0; p < cand.size(); ++p) vals[p] = {qs.val[i][p], cand[p]};
-  auto better = [](const std::pair<float, int32_t>& x, const std::pair<float, int32_t>& y) {
-    return x.first > y.first || (x.first == y.first && x.second < y.second);
-  };
-  std::partial_sort(vals.begin(), vals.begin() + jb.Kp, vals.end(), better);
-  const int64_t row = q * jb.M + i;
-  float* vo = jb.v + row * jb.Kp;
-  int64_t* no = jb.n + row * jb.Kp;
-  for (int64_t k = 0; k < jb.Kp; ++k) { vo[k] = vals[k].first; no[k] = vals[k].second; }
+  const std::vector<float>& val = qs.val[i];
+  const int64_t Kp = jb.Kp, M = jb.M, D = jb.D, row = q * M + i;
+  // Insertion into a sorted buffer of K' + 1 (candidates come in ascending column order, so a later
+  // equal value goes after: ties keep the lower column first).
+  const int64_t nb = Kp + 1;
+  best.assign(static_cast<size_t>(nb), {-INFINITY, INT32_MAX});
+  for (size_t p = 0; p < cand.size(); ++p) {
+    const float x = val[p];
+    if (!(x > best[nb - 1].first)) continue;
+    int64_t k = nb - 1;
+    while (k > 0 && best[k - 1].first < x) { best[k] = best[k - 1]; --k; }
+    best[k] = {x, cand[p]};
+  }
+  float* vo = jb.v + row * Kp;
+  int64_t* no = jb.n + row * Kp;
+  double nmax = 0.0;
+  for (int64_t j = 0; j < M; ++j) nmax = std::max(nmax, jb.norm[q * M + j]);
+  const double depth = static_cast<double>(kn.dot_depth(D)), u = std::ldexp(1.0, -24);
+  const double tau = (depth * u / (1.0 - depth * u)) * jb.norm[row] * nmax * (1.0 + 1.0 / 64);
+  const double vk = best[Kp - 1].first;
+  if (static_cast<int64_t>(cand.size()) > Kp && static_cast<double>(best[Kp].first) >= vk - 2 * tau) {
+    // A near-tie at the cut: float64 for the window, the cut made on it.
+    const float* yq = jb.y + q * M * D;
+    int64_t above = 0;
+    amb.clear();
+    for (size_t p = 0; p < cand.size(); ++p) {
+      const double x = val[p];
+      if (x > vk + 2 * tau) {
+        ++above;
+      } else if (x >= vk - 2 * tau) {
+        amb.emplace_back(dot_f64(yq + i * D, yq + static_cast<int64_t>(cand[p]) * D, D), cand[p]);
+      }
+    }
+    std::sort(amb.begin(), amb.end(), [](const std::pair<double, int32_t>& x, const std::pair<double, int32_t>& y) {
+      return x.first > y.first || (x.first == y.first && x.second < y.second);
+    });
+    // The output: the `above` ones and the best K' - above of the window, by value (float64 ones
+    // rounded to float32), descending.
+    best.clear();
+    for (size_t p = 0; p < cand.size(); ++p)
+      if (static_cast<double>(val[p]) > vk + 2 * tau) best.emplace_back(val[p], cand[p]);
+    for (int64_t k = 0; k < Kp - above; ++k) best.emplace_back(static_cast<float>(amb[k].first), amb[k].second);
+    std::stable_sort(best.begin(), best.end(), [](const std::pair<float, int32_t>& x, const std::pair<float, int32_t>& y) {
+      return x.first > y.first || (x.first == y.first && x.second < y.second);
+    });
+  }
+  for (int64_t k = 0; k < Kp; ++k) { vo[k] = best[k].first; no[k] = best[k].second; }
 }
 
 std::vector<std::string> supported_isas() {
@@ -320,9 +483,9 @@ Kernels pick(const std::string& isa) {
     throw py::value_error("sgengine.kernels._rerank_cpu: isa '" + isa + "' is not available on this CPU (have: " +
                           py::str(py::cast(ok)).cast<std::string>() + ")");
 #if RS_X86_DISPATCH
-  if (want == "avx512") return {split_row_avx512, dots_avx512};
+  if (want == "avx512") return {dot_depth_avx512, split_row_avx512, kth_largest_avx512, collect_ge_avx512, dots_avx512};
 #endif
-  return {split_row_scalar, dots_scalar};
+  return {dot_depth_scalar, split_row_scalar, kth_largest_scalar, collect_ge_scalar, dots_scalar};
 }
 
 // Hardware bfloat16 dot products (what makes a bfloat16 GEMM faster than float32 here).
@@ -358,42 +521,86 @@ std::vector<R> run_threads(int64_t n, int threads, Fn fn, int64_t grain) {
   return out;
 }
 
-int64_t split_bf16(uintptr_t y, int64_t b, int64_t M, int64_t D, int64_t ld, uintptr_t left, uintptr_t right,
-                   uintptr_t shift, uintptr_t norm, uintptr_t resid, int threads, const std::string& isa) {
-  if (b < 0 || M < 1 || D < 1 || ld < D + 1) throw py::value_error("split_bf16: need M, D >= 1 and ld >= D + 1");
-  SplitJob jb{reinterpret_cast<const float*>(y), reinterpret_cast<uint16_t*>(left), reinterpret_cast<uint16_t*>(right),
-              reinterpret_cast<const float*>(shift), reinterpret_cast<double*>(norm), reinterpret_cast<double*>(resid),
-              b * M, M, D, ld};
+int64_t prepare_bf16(uintptr_t y, uintptr_t q, int64_t b, int64_t M, int64_t D, int64_t ld, int64_t Kp,
+                     uintptr_t left, uintptr_t right, uintptr_t shift, uintptr_t d, uintptr_t base, uintptr_t norm_out,
+                     double safety, int threads, const std::string& isa) {
+  if (b < 0 || M < 1 || D < 1 || ld < D + 1 || Kp < 1 || Kp > M)
+    throw py::value_error("prepare_bf16: need M, D >= 1, ld >= D + 1 and 1 <= K' <= M");
+  if (q && !d) throw py::value_error("prepare_bf16: q needs d");
+  PrepareJob jb{reinterpret_cast<const float*>(y), reinterpret_cast<const float*>(q), reinterpret_cast<uint16_t*>(left),
+                reinterpret_cast<uint16_t*>(right), reinterpret_cast<float*>(shift), reinterpret_cast<float*>(d),
+                reinterpret_cast<double*>(base), reinterpret_cast<double*>(norm_out), safety, b, M, D, ld, Kp};
   const Kernels kn = pick(isa);
   py::gil_scoped_release release;
+  double* norm = jb.norm;
+  std::vector<double> resid(static_cast<size_t>(b * M));
   int64_t bad = 0;
-  for (int64_t x : run_threads<int64_t>(jb.rows, threads, [&](int64_t s, int64_t e) { return split_range(jb, kn, s, e); }, 32))
+  for (int64_t x : run_threads<int64_t>(b * M, threads, [&](int64_t s, int64_t e) {
+         int64_t bad_rows = 0;
+         for (int64_t i = s; i < e; ++i) {
+           uint16_t* L = jb.left + i * ld;
+           uint16_t* R = jb.right + i * ld;
+           const float* qi = jb.q ? jb.q + (i / M) * D : nullptr;
+           double n2 = 0.0, r2 = 0.0;
+           float dq = 0.0f;
+           bad_rows += kn.split_row(jb.y + i * D, qi, L, R, D, &n2, &r2, &dq) != 0;
+           if (jb.q) jb.d[i] = dq;
+           L[D] = 0x3F80u;  // 1.0; R[D] = -c once c is known
+           for (int64_t k = D + 1; k < ld; ++k) L[k] = R[k] = 0;
+           norm[i] = std::sqrt(n2);
+           resid[i] = std::sqrt(r2);
+           // Norms up to 1e15 keep the Gram and every term of the bound far from float32 overflow.
+           bad_rows += !(norm[i] <= 1e15);
+         }
+         return bad_rows;
+       }, 32))
     bad += x;
-  return bad;
+  if (bad) return bad;
+  std::vector<float> dd(static_cast<size_t>(M));
+  for (int64_t qq = 0; qq < b; ++qq) {
+    if (jb.q) {
+      // c: the K'-th largest first-stage similarity, as a bfloat16 value so that 1 * -c is exact.
+      std::copy(jb.d + qq * M, jb.d + (qq + 1) * M, dd.begin());
+      std::nth_element(dd.begin(), dd.begin() + (Kp - 1), dd.end(), std::greater<float>());
+      const float c = std::min(std::max(dd[Kp - 1], -1e30f), 1e30f);
+      jb.shift[qq] = bf16_value(static_cast<uint16_t>((bf16_rne_bits(as_bits(c)) & 0xFFFF0000u) >> 16));
+    }
+    const uint16_t neg_c = static_cast<uint16_t>(bf16_rne_bits(as_bits(-jb.shift[qq])) >> 16);
+    for (int64_t i = qq * M; i < (qq + 1) * M; ++i) jb.right[i * ld + D] = neg_c;
+    bound_rows(jb, qq, norm + qq * M, resid.data() + qq * M);
+  }
+  return 0;
 }
 
 py::tuple certified_topk(uintptr_t a, uintptr_t y, int64_t b, int64_t M, int64_t D, int64_t Kp, uintptr_t shift,
-                         uintptr_t base, double out_rel, int64_t cap, uintptr_t v, uintptr_t n, int threads,
-                         const std::string& isa) {
+                         uintptr_t base, uintptr_t norm, double out_rel, int64_t cap, uintptr_t v, uintptr_t n,
+                         int threads, const std::string& isa) {
   if (b < 0 || M < 1 || D < 1 || Kp < 1 || Kp > M)
     throw py::value_error("certified_topk: need M, D >= 1 and 1 <= K' <= M");
   if (!(out_rel >= 0.0 && out_rel < 0.5)) throw py::value_error("certified_topk: out_rel must be in [0, 0.5)");
   if (M > INT32_MAX) throw py::value_error("certified_topk: M must fit in int32");
   SelectJob jb{reinterpret_cast<const uint16_t*>(a), reinterpret_cast<const float*>(y),
-               reinterpret_cast<const float*>(shift), reinterpret_cast<const double*>(base), out_rel,
-               reinterpret_cast<float*>(v), reinterpret_cast<int64_t*>(n), b, M, D, Kp, cap};
+               reinterpret_cast<const float*>(shift), reinterpret_cast<const double*>(base),
+               reinterpret_cast<const double*>(norm), out_rel, reinterpret_cast<float*>(v),
+               reinterpret_cast<int64_t*>(n), b, M, D, Kp, cap};
   const Kernels kn = pick(isa);
   int64_t dots = 0, dense = 0;
   {
     py::gil_scoped_release release;
-    QueryScratch qs;
+    // Kept between calls (per calling thread): the per-row vectors keep their capacity, so a call
+    // allocates nothing once warm (fresh vectors cost ~0.15 ms per call at M' = 400). A plain
+    // reference, so that the worker threads' lambdas capture the caller's instance.
+    static thread_local QueryScratch tls;
+    QueryScratch& qs = tls;
     qs.cand.resize(static_cast<size_t>(M));
     qs.val.resize(static_cast<size_t>(M));
     qs.dense.resize(static_cast<size_t>(M));
+    qs.words = (M + 63) / 64;
+    qs.bits.resize(static_cast<size_t>(M * qs.words));
     for (int64_t q = 0; q < b; ++q) {
       run_threads<int>(M, threads, [&](int64_t s, int64_t e) {
         std::vector<float> top;
-        for (int64_t i = s; i < e; ++i) candidates_row(jb, q, i, top, qs);
+        for (int64_t i = s; i < e; ++i) candidates_row(jb, kn, q, i, top, qs);
         return 0;
       }, 16);
       for (int64_t d : run_threads<int64_t>(M, threads, [&](int64_t s, int64_t e) {
@@ -405,8 +612,9 @@ py::tuple certified_topk(uintptr_t a, uintptr_t y, int64_t b, int64_t M, int64_t
            }, 16))
         dots += d;
       run_threads<int>(M, threads, [&](int64_t s, int64_t e) {
-        std::vector<std::pair<float, int32_t>> vals;
-        for (int64_t i = s; i < e; ++i) topk_row(jb, q, i, qs, vals);
+        std::vector<std::pair<float, int32_t>> best;
+        std::vector<std::pair<double, int32_t>> amb;
+        for (int64_t i = s; i < e; ++i) topk_row(jb, kn, q, i, qs, best, amb);
         return 0;
       }, 16);
       for (uint8_t x : qs.dense) dense += x;
@@ -419,13 +627,16 @@ py::tuple certified_topk(uintptr_t a, uintptr_t y, int64_t b, int64_t M, int64_t
 
 PYBIND11_MODULE(_rerank_cpu, m) {
   m.doc() = "Certified bfloat16 neighbour selection for the SuperGlobal rerank (sgengine.kernels.rerank_cpu wraps it)";
-  m.def("split_bf16", &split_bf16, py::arg("y_ptr"), py::arg("b"), py::arg("M"), py::arg("D"), py::arg("ld"),
-        py::arg("left_ptr"), py::arg("right_ptr"), py::arg("shift_ptr"), py::arg("norm_ptr"), py::arg("resid_ptr"),
-        py::arg("threads") = 1, py::arg("isa") = "auto",
-        "float32 [b*M, D] -> bfloat16 operands [b*M, ld] (L = [bf16(y) | 1 | 0], R = [bf16(y) | -c_q | 0]),\n"
-        "float64 row norms and rounding residual norms. Returns how many rows were not finite.");
+  m.def("prepare_bf16", &prepare_bf16, py::arg("y_ptr"), py::arg("q_ptr"), py::arg("b"), py::arg("M"), py::arg("D"),
+        py::arg("ld"), py::arg("Kp"), py::arg("left_ptr"), py::arg("right_ptr"), py::arg("shift_ptr"), py::arg("d_ptr"),
+        py::arg("base_ptr"), py::arg("norm_ptr"), py::arg("safety"), py::arg("threads") = 1, py::arg("isa") = "auto",
+        "float32 Y [b*M, D] -> bfloat16 operands [b*M, ld] (L = [bf16(y) | 1 | 0], R = [bf16(y) | -c | 0]),\n"
+        "d = Y q and c = bf16(K'-th largest of d) per query when q_ptr != 0 (else c is read),\n"
+        "the bound's row terms and the row norms (float64 [b*M]). Returns how many rows are not finite or too\n"
+        "large (then nothing else is valid).");
   m.def("certified_topk", &certified_topk, py::arg("a_ptr"), py::arg("y_ptr"), py::arg("b"), py::arg("M"),
-        py::arg("D"), py::arg("Kp"), py::arg("shift_ptr"), py::arg("base_ptr"), py::arg("out_rel"), py::arg("cap"),
+        py::arg("D"), py::arg("Kp"), py::arg("shift_ptr"), py::arg("base_ptr"), py::arg("norm_ptr"), py::arg("out_rel"),
+        py::arg("cap"),
         py::arg("v_ptr"), py::arg("n_ptr"), py::arg("threads") = 1, py::arg("isa") = "auto",
         "Exact top-K' per Gram row from a bounded bfloat16 approximation; returns (exact dots, dense rows).");
   m.def("isas", &supported_isas, "Instruction sets this CPU runs, best first ('auto' picks the first).");
