@@ -116,13 +116,13 @@ def test_candidates_match_chain(seed, nq, M, D, K):
 @pytest.mark.parametrize("gram", ["full", "sym"])
 @pytest.mark.parametrize("M", [3, 57, 300])
 def test_cpu_gram_modes(seed, gram, M):
-    # The block-symmetric Gram (default from M' >= 256) and the plain product, at any M'.
+    # The block-symmetric float32 Gram (default from M' >= 256) and the plain product, at any M'.
     from sgengine.kernels.rerank_cpu import rerank_candidates_cpu
     queries, db = make_data(seed, 3, 2 * M, 32)
     q, Y = candidates(queries, db, M)
     o64, s64 = rerank_loop_chain(q, Y, 9, 0.15)
     ok_q = ~ill_posed_expansion(q, Y, 9, 0.15)
-    o, s = rerank_candidates_cpu(q, Y, 9, 0.15, gram=gram)
+    o, s = rerank_candidates_cpu(q, Y, 9, 0.15, gram=gram, select="exact")
     for i in np.flatnonzero(ok_q):
         assert_rankings_agree(o64[i], s64[i], o[i], s[i], rtol=0, atol=2e-6, truncated=False,
                               context=f"seed {seed}, gram {gram}, query {i}")
@@ -229,9 +229,13 @@ def assert_search_agrees(queries, db, M, K, beta, ids, scores, seed, k=None):
                                   atol=tol, truncated=k < n, context=f"seed {seed}, query {i}, first-stage tail")
 
 
-@pytest.mark.parametrize("impl", ["cpu", "reference", "auto"])
+@pytest.mark.parametrize("impl", ["cpu", "cpu_fp32", "cpu_bf16", "reference", "auto"])
 @pytest.mark.parametrize("M,k", [(40, None), (40, 10), (40, 40), (40, 55), (97, 13)])
 def test_search_matches_chain(seed, impl, M, k):
+    if impl == "cpu_bf16":
+        from sgengine.kernels.rerank_cpu import certified_info
+        if not certified_info()["available"]:
+            pytest.skip("the certified path's C++ kernel is not built here")
     queries, db = make_data(seed, 5, 150, 40)
     ids, sc = superglobal_rerank(queries, db, M=M, K=9, beta=0.15, k=k, impl=impl)
     assert isinstance(ids, np.ndarray) and isinstance(sc, np.ndarray)
