@@ -328,9 +328,13 @@ def rerank_first_stage(q: torch.Tensor, first_scores: torch.Tensor, rows: torch.
     """Rerank the first m columns of a first-stage result (SPEC 6.8): the m candidates in final
     order with their final scores, then every later column in first-stage order with its
     first-stage score. `gather(top [nq, m] rows) -> Y [nq, m, D]` float32 on q's device.
+    impl: a name (see rerank_candidates) or a callable (q, Y, K, beta) -> (order, scores).
     The one place the engine and superglobal_rerank turn a first stage into a final ranking."""
     top = rows[:, :m]
-    order, f = _run(q, gather(top), K, beta, impl)
+    Y = gather(top)
+    # impl may be a callable (q, Y, K, beta) -> (order, f): the engine's CUDA-graph replay of the
+    # Triton rerank, which must skip the host-side checks that a capture cannot contain.
+    order, f = impl(q, Y, K, beta) if callable(impl) else _run(q, Y, K, beta, impl)
     _check_output(f, "database rows among the candidates")
     ids = torch.cat([torch.gather(top, 1, order.to(top.device)), rows[:, m:]], dim=1)
     scores = torch.cat([f.to(first_scores.device), first_scores[:, m:].to(torch.float32)], dim=1)

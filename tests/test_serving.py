@@ -254,3 +254,27 @@ def test_gpu_reduced_precision_agreement(default_bundle, photo_index, precision)
     low = Engine.load(default_bundle, index=path, max_side=MAX_SIDE, device="cuda", backend="torch", precision=precision)
     rep = precision_report(ref, low, queries, k=10)
     assert rep["max_abs_err"] > 0 and rep["min_cosine"] > 0.98 and rep["topk_agreement"] >= 0.9, rep
+
+
+def test_rerank_first_stage_takes_a_runner():
+    """The engine hands rerank_first_stage a callable on CUDA (its graph replay); the ranking must be
+    the one the named implementation gives, NaN checks included."""
+    from sgengine.rerank import rerank_candidates_reference, rerank_first_stage
+    g = torch.Generator().manual_seed(5)
+    X = torch.nn.functional.normalize(torch.randn(300, 64, generator=g), dim=1)
+    q = torch.nn.functional.normalize(X[:3] + 0.3 * torch.randn(3, 64, generator=g), dim=1)
+    s, rows = torch.topk(q @ X.T, 120, dim=1)
+    calls = []
+
+    def runner(q_, Y_, K_, beta_):
+        calls.append(Y_.shape)
+        return rerank_candidates_reference(q_, Y_, K_, beta_)
+
+    a = rerank_first_stage(q, s, rows, lambda top: X[top], 50, 9, 0.15, "reference")
+    b = rerank_first_stage(q, s, rows, lambda top: X[top], 50, 9, 0.15, runner)
+    assert calls == [(3, 50, 64)]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    Xbad = X.clone()
+    Xbad[rows[1, 7]] = float("nan")
+    with pytest.raises(InputError, match="NaN or inf"):
+        rerank_first_stage(q, s, rows, lambda top: Xbad[top], 50, 9, 0.15, runner)
