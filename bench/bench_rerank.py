@@ -12,7 +12,11 @@ Implementations:
   extra_info["scale"] = subset / nq; bench/report.py divides by it (per-query work is
   independent, so the scaled time is the full batch's).
 - "reference": the batched plain PyTorch reference.
-- "cpu": the fast path (`sgengine.kernels.rerank_cpu`).
+- "cpu": the fast path (`sgengine.kernels.rerank_cpu`) as impl="cpu" runs it here: the certified
+  bfloat16 selection where `sgengine.rerank.cpu_path` says so (AVX512_BF16/AMX, M' >= 192),
+  else the float32 one; extra_info["path"] names it.
+- "cpu_fp32": the fast path with the float32 Gram and torch.topk (the previous default).
+- "cpu_bf16": the fast path with the certified bfloat16 selection (CPU only), at every M.
 Any call estimated over CALL_BUDGET_S (the chain mostly; everything at nq=70, M=1600) runs the
 same way on a subset of queries and is scaled.
 - "gram_matmul": the floor, one M x M x D float32 product per query (batched bmm).
@@ -74,9 +78,10 @@ def _impl_fn(impl: str):
         return lambda q, Y: rerank_loop_chain(q, Y, K, BETA, dtype=torch.float64)
     if impl == "reference":
         return lambda q, Y: rerank_candidates_reference(q, Y, K, BETA)
-    if impl == "cpu":
+    if impl in ("cpu", "cpu_fp32", "cpu_bf16"):
         from sgengine.kernels.rerank_cpu import rerank_candidates_cpu
-        return lambda q, Y: rerank_candidates_cpu(q, Y, K, BETA)
+        select = {"cpu": "auto", "cpu_fp32": "exact", "cpu_bf16": "certified"}[impl]
+        return lambda q, Y: rerank_candidates_cpu(q, Y, K, BETA, select=select)
     if impl == "triton":
         from sgengine.kernels.rerank_triton import rerank_candidates_triton
         return lambda q, Y: rerank_candidates_triton(q, Y, K, BETA)
@@ -108,13 +113,20 @@ def _run(benchmark, impl: str, nq: int, M: int, device: str) -> None:
         "flops": 2 * nq * M * M * D, "scale": n_run / nq, "queries_run": n_run,
         "threads": torch.get_num_threads(),
     })
+    if impl == "cpu":
+        from sgengine.rerank import cpu_path
+        benchmark.extra_info["path"] = cpu_path(device, M) if device == "cpu" else "cpu_fp32"
     benchmark.pedantic(call, rounds=rounds, warmup_rounds=1 if est_run < 2 else 0, iterations=1)
 
 
-@pytest.mark.parametrize("impl", ["chain", "reference", "cpu", "gram_matmul"])
+@pytest.mark.parametrize("impl", ["chain", "reference", "cpu", "cpu_fp32", "cpu_bf16", "gram_matmul"])
 @pytest.mark.parametrize("M", MS)
 @pytest.mark.parametrize("nq", NQS)
 def test_rerank_cpu_device(benchmark, nq, M, impl):
+    if impl == "cpu_bf16":
+        from sgengine.kernels.rerank_cpu import certified_info
+        if not certified_info()["available"]:
+            pytest.skip("the certified path's C++ kernel is not built here")
     _run(benchmark, impl, nq, M, "cpu")
 
 

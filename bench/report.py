@@ -46,7 +46,8 @@ def render(data: dict) -> str:
                 thr = f"{ex['bytes'] / med / 1e9:9.1f} GB/s"
             elif "flops" in ex:
                 thr = f"{ex['flops'] / med / 1e9:7.1f} GFLOP/s"
-            rows.append(f"{ex.get('op', '?'):<7} {ex.get('shape', group):<34} {impl:<12} "
+            label = f"{impl} ({ex['path'].removeprefix('cpu_')})" if "path" in ex else impl  # what "cpu" ran
+            rows.append(f"{ex.get('op', '?'):<7} {ex.get('shape', group):<34} {label:<12} "
                         f"{med * 1e3:9.3f}ms {vs_chain:>9} {vs_floor:>9} {thr:>14}")
         rows.append("")
     mi = data.get("machine_info", {})
