@@ -150,6 +150,39 @@ def test_device_room_shortfall():
     assert device_room_shortfall(torch.device("cpu"), 1 << 40) is None
 
 
+@pytest.mark.parametrize("prior", ["default", "generic tf32", "conv ieee via the new API", "legacy allow_tf32 off"])
+def test_cuda_fp32_conv_context_turns_tf32_off_whatever_the_flags(prior):
+    """The torch backbone's CUDA fp32 context (runs without a GPU: it only sets process flags). torch's
+    own cudnn.flags(allow_tf32=False) raised on torch >= 2.9 after a new-API setting, and left TF32 on
+    under torch.backends.fp32_precision = "tf32". Named "cuda" so gpu_check runs it on that torch too."""
+    from sgengine.backends.torch_backend import conv_tf32_enabled, cudnn_ieee_conv
+    cudnn = torch.backends.cudnn
+    if not hasattr(getattr(cudnn, "conv", None), "fp32_precision"):
+        pytest.skip(f"torch {torch.__version__} has no per-op fp32_precision")
+    saved = (torch.backends.fp32_precision, cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision,
+             cudnn.benchmark, cudnn.enabled, cudnn.deterministic)
+
+    def state():
+        return (torch.backends.fp32_precision, cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision,
+                cudnn.benchmark, cudnn.enabled, cudnn.deterministic)
+    try:
+        if prior == "generic tf32":
+            torch.backends.fp32_precision = "tf32"
+        elif prior == "conv ieee via the new API":
+            cudnn.conv.fp32_precision = "ieee"
+        elif prior == "legacy allow_tf32 off":
+            cudnn.allow_tf32 = False
+        cudnn.benchmark = False
+        before = state()
+        with cudnn_ieee_conv(benchmark=True):
+            assert not conv_tf32_enabled() and cudnn.benchmark and cudnn.enabled and not cudnn.deterministic
+        assert state() == before
+    finally:
+        torch.backends.fp32_precision = saved[0]
+        cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = saved[1], saved[2]
+        cudnn.benchmark, cudnn.enabled, cudnn.deterministic = saved[3:]
+
+
 # ------------------------------------------------------------------ reduced precision on real photos
 @pytest.fixture(scope="module")
 def photo_index(default_bundle, photos, tmp_path_factory):

@@ -17,6 +17,54 @@ from ..errors import BackendUnavailableError, InputError
 _AMP = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def _conv_precision():
+    """torch >= 2.9's per-op setting for cuDNN convolutions (None where torch predates it)."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    try:
+        return conv, conv.fp32_precision
+    except (AttributeError, RuntimeError):
+        return None, None
+
+
+def conv_tf32_enabled() -> bool:
+    """Whether a float32 cuDNN convolution started now may use TF32 (what the conv kernels read)."""
+    conv, prec = _conv_precision()
+    if prec is not None:
+        return prec == "tf32"  # the resolved value: "none" falls back to cuda/all, then generic/all
+    return bool(torch.backends.cudnn.allow_tf32)
+
+
+@contextlib.contextmanager
+def cudnn_ieee_conv(benchmark: bool = True):
+    """cuDNN enabled, non-deterministic, autotuned (`benchmark`), float32 convolutions without
+    TF32 for the block, whatever the process-wide flags say; the caller's flags come back after.
+
+    Not `torch.backends.cudnn.flags(allow_tf32=False)`: on torch >= 2.9 it reads the legacy
+    `allow_tf32` getter on entry and exit, which raises ("mix of the legacy and new APIs") as soon
+    as the process used the new per-op API (`torch.backends.cudnn.conv.fp32_precision = "ieee"`,
+    or `torch.backends.fp32_precision = "tf32"`), and it leaves TF32 on when the generic
+    precision is "tf32" (its "none" defers to it). Here only the new API is touched where it
+    exists, and only when convolutions would otherwise run in TF32. Not thread-safe: the flags
+    are process-wide.
+    """
+    cudnn = torch.backends.cudnn
+    conv, prec = _conv_precision()
+    if prec is None:  # torch < 2.9: the legacy flag is the only one
+        with cudnn.flags(enabled=True, benchmark=benchmark, deterministic=False, allow_tf32=False):
+            yield
+        return
+    saved = (cudnn.enabled, cudnn.benchmark, cudnn.deterministic)
+    cudnn.enabled, cudnn.benchmark, cudnn.deterministic = True, bool(benchmark), False
+    if prec == "tf32":
+        conv.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        if prec == "tf32":
+            conv.fp32_precision = prec
+        cudnn.enabled, cudnn.benchmark, cudnn.deterministic = saved
+
+
 class TorchBackbone:
     """`backbone(x [B,3,H,W] f32) -> [B,C,h,w] f32` with the bundle's PyTorch trunk, on cpu or cuda."""
 
@@ -59,8 +107,7 @@ class TorchBackbone:
         if self.device.type == "cuda":
             # fp32 is the fidelity mode: cuDNN's TF32 convolutions (torch's default) would not match
             # SPEC's float32 model. benchmark=True: repeated shapes get the fastest algorithm.
-            stack.enter_context(torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False,
-                                                           allow_tf32=False))
+            stack.enter_context(cudnn_ieee_conv(benchmark=True))
         if self._amp is not None:
             # cache_enabled=False: a cast weight cached across calls would be freed under a CUDA graph.
             stack.enter_context(torch.autocast(self.device.type, dtype=self._amp, cache_enabled=False))
@@ -89,6 +136,7 @@ class TorchBackbone:
             d["threads"] = self.threads
         if self.device.type == "cuda":
             d["gpu"] = torch.cuda.get_device_name(self.device)
-            d["tf32"] = False
+            with self._context():  # what the convolutions of a call actually see
+                d["tf32"] = conv_tf32_enabled()
             d["cuda_graphs"] = None if self.graphs is None else self.graphs.describe()
         return d
