@@ -255,7 +255,7 @@ int64_t dot_depth_scalar(int64_t D) { return D; }
 int64_t dot_depth_avx512(int64_t D) { return (D + 15) / 16 + 4; }
 
 // A float64 dot of float32 rows: the products are exact, and the sum errs by ~D 2^-53 relative,
-// which decides the near-ties a float32 dot cannot (see topk_row).
+// which decides the near-ties a float32 dot cannot (see select_row).
 double dot_f64(const float* __restrict a, const float* __restrict b, int64_t D) {
   double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
   int64_t k = 0;
@@ -324,23 +324,32 @@ struct SelectJob {
   int64_t b, M, D, Kp, cap;
 };
 
-// Per query: candidate columns (ascending) and their exact values, row by row.
+// Per query: candidate columns (ascending) and their exact values, row by row. Dense rows keep no
+// list: they are dotted whole and selected in one go.
 struct QueryScratch {
   std::vector<std::vector<int32_t>> cand;
   std::vector<std::vector<float>> val;
   std::vector<uint8_t> dense;
-  std::vector<uint64_t> bits;  // [M][words]: bit (i, j) set when j is a candidate of row i
+  std::vector<uint64_t> bits;  // [M][words]: bit (i, j) set when j is a candidate of (non-dense) row i
   int64_t words = 0;
+  double nmax = 0.0;           // largest row norm of the query
   bool has(int64_t i, int64_t j) const { return (bits[i * words + (j >> 6)] >> (j & 63)) & 1u; }
 };
 
+// Per worker thread.
+struct RowScratch {
+  std::vector<float> top, out;
+  std::vector<int32_t> tmp, mine;
+  std::vector<std::pair<float, int32_t>> best;
+  std::vector<std::pair<double, int32_t>> amb;
+};
+
 // Phase 1, row i of query q: the candidates (every column that may be in the exact top K').
-void candidates_row(const SelectJob& jb, const Kernels& kn, int64_t q, int64_t i, std::vector<float>& top,
-                    QueryScratch& qs) {
+void candidates_row(const SelectJob& jb, const Kernels& kn, int64_t q, int64_t i, RowScratch& rs, QueryScratch& qs) {
   const int64_t M = jb.M, Kp = jb.Kp, row = q * M + i;
   const uint16_t* __restrict a = jb.a + row * M;
-  top.resize(static_cast<size_t>(Kp));
-  const double t = kn.kth_largest(a, M, Kp, top.data());  // the K'-th largest approximate value
+  rs.top.resize(static_cast<size_t>(Kp));
+  const double t = kn.kth_largest(a, M, Kp, rs.top.data());  // the K'-th largest approximate value
   const double c = jb.shift[q], base = jb.base[row], rel = jb.out_rel;
   // x - e(x) and x + e(x) are increasing in x (rel < 1), so the K' largest approximate values are
   // all >= lo after subtracting their bounds: the exact K'-th largest value is >= lo. A column whose
@@ -351,19 +360,20 @@ void candidates_row(const SelectJob& jb, const Kernels& kn, int64_t q, int64_t i
   const double thr = rhs >= 0 ? rhs / (1.0 + rel) : rhs / (1.0 - rel);
   // Rounded down to float: a comparison of the float a_j against it can only add candidates.
   const float thr_f = std::nextafter(static_cast<float>(thr), -INFINITY);
-  std::vector<int32_t>& cand = qs.cand[i];
-  cand.resize(static_cast<size_t>(M + 16));
-  cand.resize(static_cast<size_t>(kn.collect_ge(a, M, thr_f, cand.data())));
-  qs.dense[i] = static_cast<int64_t>(cand.size()) > jb.cap || static_cast<int64_t>(cand.size()) < Kp;
-  if (qs.dense[i]) {
-    // Too many to be worth a gather, or fewer than K' (cannot happen for finite input; kept as the
-    // safe path): the whole exact row.
-    cand.resize(static_cast<size_t>(M));
-    for (int64_t j = 0; j < M; ++j) cand[j] = static_cast<int32_t>(j);
-  }
-  qs.val[i].resize(cand.size());
+  rs.tmp.resize(static_cast<size_t>(M + 16));
+  const int64_t count = kn.collect_ge(a, M, thr_f, rs.tmp.data());
+  // Too many to be worth a gather (or fewer than K', which finite input cannot give; kept as the
+  // safe path): the whole exact row, in phase 2.
+  qs.dense[i] = count > jb.cap || count < Kp;
   uint64_t* bits = qs.bits.data() + i * qs.words;
   std::fill(bits, bits + qs.words, uint64_t{0});
+  std::vector<int32_t>& cand = qs.cand[i];
+  if (qs.dense[i]) {
+    cand.clear();
+    return;
+  }
+  cand.assign(rs.tmp.begin(), rs.tmp.begin() + count);
+  qs.val[i].resize(cand.size());
   for (int32_t j : cand) bits[j >> 6] |= uint64_t{1} << (j & 63);
 }
 
@@ -372,37 +382,8 @@ RS_INLINE int64_t position(const std::vector<int32_t>& sorted, int32_t x) {
   return it != sorted.end() && *it == x ? it - sorted.begin() : -1;
 }
 
-// Phase 2, row i: exact dots. G is symmetric, so a pair that both rows hold as candidates is
-// dotted once, by the lower row, which also writes the upper row's copy (~30% fewer dots on
-// clustered data). Every value slot has exactly one writer.
-int64_t dots_row(const SelectJob& jb, const Kernels& kn, int64_t q, int64_t i, QueryScratch& qs,
-                 std::vector<int32_t>& mine, std::vector<float>& out) {
-  const int64_t D = jb.D;
-  const float* yq = jb.y + q * jb.M * D;
-  const std::vector<int32_t>& cand = qs.cand[i];
-  mine.clear();
-  for (int32_t j : cand)
-    if (!(j < i && qs.has(j, i))) mine.push_back(j);
-  out.resize(mine.size());
-  const float* bs[kDots];
-  for (size_t g = 0; g < mine.size(); g += kDots) {
-    const int nb = static_cast<int>(std::min<size_t>(kDots, mine.size() - g));
-    for (int j = 0; j < nb; ++j) bs[j] = yq + static_cast<int64_t>(mine[g + j]) * D;
-    kn.dots(yq + i * D, bs, nb, D, out.data() + g);
-  }
-  // Scatter: own slots (both lists ascending: one merge pass), then the mirrored ones.
-  std::vector<float>& val = qs.val[i];
-  for (size_t p = 0, k = 0; p < cand.size() && k < mine.size(); ++p)
-    if (cand[p] == mine[k]) val[p] = out[k++];
-  for (size_t k = 0; k < mine.size(); ++k) {
-    const int32_t j = mine[k];
-    if (j > i && qs.has(j, i)) qs.val[j][position(qs.cand[j], static_cast<int32_t>(i))] = out[k];
-  }
-  return static_cast<int64_t>(mine.size());
-}
-
-// Phase 3, row i: the top K' of the exact values, descending, ties by lower column (torch.topk
-// leaves ties unspecified; SPEC 6, ties).
+// The top K' of a row's exact values, descending, ties by lower column (torch.topk leaves ties
+// unspecified; SPEC 6, ties), into the outputs. cols[p] is value p's column (null: p itself).
 //
 // The float32 dots err by at most tau = gamma_depth ||y_i|| ||y_j|| (|sum of products| <=
 // ||y_i|| ||y_j||), ~8e-6 for unit rows at D = 2048 in the AVX-512 variant: far above the ~1e-7
@@ -412,40 +393,37 @@ int64_t dots_row(const SelectJob& jb, const Kernels& kn, int64_t q, int64_t i, Q
 // the cut is made on those: the set is then the exact top K' (in real arithmetic, up to float64
 // rounding). Candidates above that window are in the top K' whatever their error (fewer than K'
 // candidates even look larger than the K'-th); those below are out.
-void topk_row(const SelectJob& jb, const Kernels& kn, int64_t q, int64_t i, const QueryScratch& qs,
-              std::vector<std::pair<float, int32_t>>& best, std::vector<std::pair<double, int32_t>>& amb) {
-  const std::vector<int32_t>& cand = qs.cand[i];
-  const std::vector<float>& val = qs.val[i];
+void select_row(const SelectJob& jb, const Kernels& kn, const QueryScratch& qs, int64_t q, int64_t i,
+                const int32_t* cols, const float* val, size_t n, RowScratch& rs) {
   const int64_t Kp = jb.Kp, M = jb.M, D = jb.D, row = q * M + i;
-  // Insertion into a sorted buffer of K' + 1 (candidates come in ascending column order, so a later
+  auto col = [cols](size_t p) { return cols ? cols[p] : static_cast<int32_t>(p); };
+  // Insertion into a sorted buffer of K' + 1 (values come in ascending column order, so a later
   // equal value goes after: ties keep the lower column first).
   const int64_t nb = Kp + 1;
+  std::vector<std::pair<float, int32_t>>& best = rs.best;
   best.assign(static_cast<size_t>(nb), {-INFINITY, INT32_MAX});
-  for (size_t p = 0; p < cand.size(); ++p) {
+  for (size_t p = 0; p < n; ++p) {
     const float x = val[p];
     if (!(x > best[nb - 1].first)) continue;
     int64_t k = nb - 1;
     while (k > 0 && best[k - 1].first < x) { best[k] = best[k - 1]; --k; }
-    best[k] = {x, cand[p]};
+    best[k] = {x, col(p)};
   }
-  float* vo = jb.v + row * Kp;
-  int64_t* no = jb.n + row * Kp;
-  double nmax = 0.0;
-  for (int64_t j = 0; j < M; ++j) nmax = std::max(nmax, jb.norm[q * M + j]);
   const double depth = static_cast<double>(kn.dot_depth(D)), u = std::ldexp(1.0, -24);
-  const double tau = (depth * u / (1.0 - depth * u)) * jb.norm[row] * nmax * (1.0 + 1.0 / 64);
+  const double tau = (depth * u / (1.0 - depth * u)) * jb.norm[row] * qs.nmax * (1.0 + 1.0 / 64);
   const double vk = best[Kp - 1].first;
-  if (static_cast<int64_t>(cand.size()) > Kp && static_cast<double>(best[Kp].first) >= vk - 2 * tau) {
+  if (static_cast<int64_t>(n) > Kp && static_cast<double>(best[Kp].first) >= vk - 2 * tau) {
     // A near-tie at the cut: float64 for the window, the cut made on it.
     const float* yq = jb.y + q * M * D;
     int64_t above = 0;
+    std::vector<std::pair<double, int32_t>>& amb = rs.amb;
     amb.clear();
-    for (size_t p = 0; p < cand.size(); ++p) {
+    for (size_t p = 0; p < n; ++p) {
       const double x = val[p];
       if (x > vk + 2 * tau) {
         ++above;
       } else if (x >= vk - 2 * tau) {
-        amb.emplace_back(dot_f64(yq + i * D, yq + static_cast<int64_t>(cand[p]) * D, D), cand[p]);
+        amb.emplace_back(dot_f64(yq + i * D, yq + static_cast<int64_t>(col(p)) * D, D), col(p));
       }
     }
     std::sort(amb.begin(), amb.end(), [](const std::pair<double, int32_t>& x, const std::pair<double, int32_t>& y) {
@@ -454,14 +432,57 @@ void topk_row(const SelectJob& jb, const Kernels& kn, int64_t q, int64_t i, cons
     // The output: the `above` ones and the best K' - above of the window, by value (float64 ones
     // rounded to float32), descending.
     best.clear();
-    for (size_t p = 0; p < cand.size(); ++p)
-      if (static_cast<double>(val[p]) > vk + 2 * tau) best.emplace_back(val[p], cand[p]);
+    for (size_t p = 0; p < n; ++p)
+      if (static_cast<double>(val[p]) > vk + 2 * tau) best.emplace_back(val[p], col(p));
     for (int64_t k = 0; k < Kp - above; ++k) best.emplace_back(static_cast<float>(amb[k].first), amb[k].second);
     std::stable_sort(best.begin(), best.end(), [](const std::pair<float, int32_t>& x, const std::pair<float, int32_t>& y) {
       return x.first > y.first || (x.first == y.first && x.second < y.second);
     });
   }
+  float* vo = jb.v + row * Kp;
+  int64_t* no = jb.n + row * Kp;
   for (int64_t k = 0; k < Kp; ++k) { vo[k] = best[k].first; no[k] = best[k].second; }
+}
+
+RS_INLINE void dots_into(const Kernels& kn, const float* yi, const float* yq, int64_t D, const int32_t* cols,
+                         size_t n, float* out) {
+  const float* bs[kDots];
+  for (size_t g = 0; g < n; g += kDots) {
+    const int nb = static_cast<int>(std::min<size_t>(kDots, n - g));
+    for (int j = 0; j < nb; ++j) bs[j] = yq + static_cast<int64_t>(cols ? cols[g + j] : static_cast<int32_t>(g + j)) * D;
+    kn.dots(yi, bs, nb, D, out + g);
+  }
+}
+
+// Phase 2, row i: exact dots. G is symmetric, so a pair that both rows hold as candidates is
+// dotted once, by the lower row, which also writes the upper row's copy (~30% fewer dots on
+// clustered data). Every value slot has exactly one writer. A dense row is dotted whole and
+// selected here.
+int64_t dots_row(const SelectJob& jb, const Kernels& kn, int64_t q, int64_t i, QueryScratch& qs, RowScratch& rs) {
+  const int64_t D = jb.D, M = jb.M;
+  const float* yq = jb.y + q * M * D;
+  if (qs.dense[i]) {
+    rs.out.resize(static_cast<size_t>(M));
+    dots_into(kn, yq + i * D, yq, D, nullptr, static_cast<size_t>(M), rs.out.data());
+    select_row(jb, kn, qs, q, i, nullptr, rs.out.data(), static_cast<size_t>(M), rs);
+    return M;
+  }
+  const std::vector<int32_t>& cand = qs.cand[i];
+  std::vector<int32_t>& mine = rs.mine;
+  mine.clear();
+  for (int32_t j : cand)
+    if (!(j < i && qs.has(j, i))) mine.push_back(j);
+  rs.out.resize(mine.size());
+  dots_into(kn, yq + i * D, yq, D, mine.data(), mine.size(), rs.out.data());
+  // Scatter: own slots (both lists ascending: one merge pass), then the mirrored ones.
+  std::vector<float>& val = qs.val[i];
+  for (size_t p = 0, k = 0; p < cand.size() && k < mine.size(); ++p)
+    if (cand[p] == mine[k]) val[p] = rs.out[k++];
+  for (size_t k = 0; k < mine.size(); ++k) {
+    const int32_t j = mine[k];
+    if (j > i && qs.has(j, i)) qs.val[j][position(qs.cand[j], static_cast<int32_t>(i))] = rs.out[k];
+  }
+  return static_cast<int64_t>(mine.size());
 }
 
 std::vector<std::string> supported_isas() {
@@ -598,23 +619,25 @@ py::tuple certified_topk(uintptr_t a, uintptr_t y, int64_t b, int64_t M, int64_t
     qs.words = (M + 63) / 64;
     qs.bits.resize(static_cast<size_t>(M * qs.words));
     for (int64_t q = 0; q < b; ++q) {
+      qs.nmax = 0.0;
+      for (int64_t j = 0; j < M; ++j) qs.nmax = std::max(qs.nmax, jb.norm[q * M + j]);
+      // Row scratch lives in each worker thread between calls (threads persist in OpenMP's pool).
       run_threads<int>(M, threads, [&](int64_t s, int64_t e) {
-        std::vector<float> top;
-        for (int64_t i = s; i < e; ++i) candidates_row(jb, kn, q, i, top, qs);
+        static thread_local RowScratch rs;
+        for (int64_t i = s; i < e; ++i) candidates_row(jb, kn, q, i, rs, qs);
         return 0;
       }, 16);
       for (int64_t d : run_threads<int64_t>(M, threads, [&](int64_t s, int64_t e) {
-             std::vector<int32_t> mine;
-             std::vector<float> out;
+             static thread_local RowScratch rs;
              int64_t count = 0;
-             for (int64_t i = s; i < e; ++i) count += dots_row(jb, kn, q, i, qs, mine, out);
+             for (int64_t i = s; i < e; ++i) count += dots_row(jb, kn, q, i, qs, rs);
              return count;
            }, 16))
         dots += d;
       run_threads<int>(M, threads, [&](int64_t s, int64_t e) {
-        std::vector<std::pair<float, int32_t>> best;
-        std::vector<std::pair<double, int32_t>> amb;
-        for (int64_t i = s; i < e; ++i) topk_row(jb, kn, q, i, qs, best, amb);
+        static thread_local RowScratch rs;
+        for (int64_t i = s; i < e; ++i)
+          if (!qs.dense[i]) select_row(jb, kn, qs, q, i, qs.cand[i].data(), qs.val[i].data(), qs.cand[i].size(), rs);
         return 0;
       }, 16);
       for (uint8_t x : qs.dense) dense += x;
