@@ -118,6 +118,50 @@ def test_tensorrt_and_cuda_requests_fail_with_reasons(default_bundle):
         load_backbone(b, device="cuda", backend="onnxruntime")
 
 
+def test_onnxruntime_cuda_session_gets_a_stream_it_really_uses(monkeypatch, tmp_path):
+    """ORT reads user_compute_stream=0 (torch's default stream) as "none given" and computes on a
+    stream of its own that does not wait for torch's kernels: the session must get a real (non-zero)
+    stream handle. Checked with a stand-in onnxruntime and stream, so it runs without a GPU."""
+    import sys
+    import types
+
+    from sgengine.backends import onnxruntime_backend as orb
+
+    seen = {}
+
+    class Session:
+        def __init__(self, path, sess_options=None, providers=None):
+            seen["providers"] = providers
+
+        def get_providers(self):
+            return [orb.CUDA, orb.CPU]
+
+        def get_inputs(self):
+            return [types.SimpleNamespace(name="image")]
+
+        def get_outputs(self):
+            return [types.SimpleNamespace(name="fmap")]
+
+    class Stream:
+        def __init__(self, device=None):
+            self.cuda_stream = 0x7F00DEAD
+
+    ort = types.SimpleNamespace(
+        SessionOptions=lambda: types.SimpleNamespace(), InferenceSession=Session,
+        GraphOptimizationLevel=types.SimpleNamespace(ORT_ENABLE_ALL=99),
+        ExecutionMode=types.SimpleNamespace(ORT_SEQUENTIAL=0),
+        get_available_providers=lambda: [orb.CUDA, orb.CPU])
+    monkeypatch.setitem(sys.modules, "onnxruntime", ort)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
+    bb = orb.OnnxRuntimeBackbone(tmp_path / "backbone.onnx", device="cuda")
+    (name, options), _ = seen["providers"]
+    assert name == orb.CUDA and options["user_compute_stream"] == str(0x7F00DEAD) != "0"
+    assert options["use_tf32"] == "0" and options["device_id"] == "0"
+    assert bb._stream.cuda_stream == 0x7F00DEAD
+
+
 # ------------------------------------------------------------------ selection and precision errors
 def test_precision_and_backend_errors(default_bundle):
     b = Bundle.load(default_bundle)

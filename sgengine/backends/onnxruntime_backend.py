@@ -61,9 +61,13 @@ class OnnxRuntimeBackbone:
                     f"onnxruntime on {self.device}: torch sees no CUDA GPU, and the engine hands ORT torch CUDA "
                     f"tensors (torch {torch.__version__}, CUDA build: {torch.version.cuda})")
             index = self.device.index or 0
-            # ORT computes on torch's current stream, so no synchronization is needed around a
-            # run; TF32 off keeps fp32 the fidelity mode; exhaustive cuDNN search pays once per shape.
-            self._stream = torch.cuda.current_stream(self.device)
+            # ORT computes on a torch stream of this session's own, ordered against the caller's
+            # stream on every call (see _run_cuda). Not torch's current stream: that is normally the
+            # default stream, whose handle is 0, and ORT takes user_compute_stream=0 for "none
+            # given" and computes on a non-blocking stream of its own, which does not wait for the
+            # kernels that wrote the input. TF32 off keeps fp32 the fidelity mode; exhaustive cuDNN
+            # search pays once per shape.
+            self._stream = torch.cuda.Stream(self.device)
             options = {"device_id": str(index), "cudnn_conv_algo_search": "EXHAUSTIVE", "use_tf32": "0",
                        "do_copy_in_default_stream": "1", "user_compute_stream": str(self._stream.cuda_stream)}
             providers: list = [(CUDA, options), CPU]
@@ -108,10 +112,16 @@ class OnnxRuntimeBackbone:
         # after a run, so the first call per input shape lets ORT allocate and remembers the shape.
         x = x.detach().to(self.device, torch.float32).contiguous()
         idx = self.device.index or 0
-        if torch.cuda.current_stream(self.device) != self._stream:
-            # The session was bound to the stream current at load; work queued on another stream
-            # must be finished before ORT reads x.
-            torch.cuda.current_stream(self.device).synchronize()
+        caller = torch.cuda.current_stream(self.device)
+        # ORT's kernels go to self._stream: they wait for what the caller queued (x), and the
+        # caller's later work waits for them (y; and x's memory is only reused after ORT read it).
+        self._stream.wait_stream(caller)
+        try:
+            return self._run_bound(x, idx)
+        finally:
+            caller.wait_stream(self._stream)
+
+    def _run_bound(self, x: torch.Tensor, idx: int) -> torch.Tensor:
         binding = self.session.io_binding()
         binding.bind_input(self.input_name, "cuda", idx, np.float32, list(x.shape), x.data_ptr())
         shape = self._out_shapes.get(tuple(x.shape))
