@@ -66,10 +66,10 @@ RS_INLINE uint32_t as_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return
 RS_INLINE float bf16_value(uint16_t h) { return as_float(static_cast<uint32_t>(h) << 16); }
 
 // ---------------------------------------------------------------------------- row kernels
-// Two variants of the two inner loops: portable scalar code, and AVX-512 intrinsics. GCC does not
-// vectorize either loop on its own (it interchanged the multi-dot loops and left the bfloat16
-// split scalar), so the fast variant is written out. The certified path only pays off on CPUs
-// with AVX512_BF16, which all have AVX-512F/BW/VL/DQ.
+// Two variants of the inner loops: portable scalar code, and AVX-512 intrinsics. GCC vectorized
+// neither of the two hot ones on its own (it interchanged the multi-dot loops and left the
+// bfloat16 split scalar), so the fast variant is written out. The certified path only pays off
+// on CPUs with AVX512_BF16, which all have AVX-512F/BW/VL/DQ.
 //
 // split_row: bfloat16 of a float32 row (nearest even) into L and R, the squared norms of the row
 // and of its rounding residual, summed in float64 (the squares of float32 values are exact in
