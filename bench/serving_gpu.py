@@ -137,6 +137,17 @@ def main(argv=None) -> int:
 
     wanted = {m.strip() for m in a.modes.split(",") if m.strip()}
     results: dict[str, dict] = {}
+    precision: dict = {}
+
+    def write() -> str:
+        # After every mode and at the end: a run cut short by its time limit keeps what it measured.
+        text = table(results, precision, name, a.rows)
+        (out / "serving.txt").write_text(text + "\n")
+        (out / "serving.json").write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": a.rows,
+                                                      "modes": results, "precision": precision}, indent=1,
+                                                     default=str))
+        return text
+
     for label, kw in modes(dev):
         if wanted and label not in wanted:
             continue
@@ -146,6 +157,11 @@ def main(argv=None) -> int:
         except BackendUnavailableError as e:
             results[label] = {"skipped": str(e)}
             say(f"  {label}: skipped: {e}")
+            continue
+        except Exception as e:  # a load that fails for another reason must not cost the other modes
+            results[label] = {"error": f"load: {type(e).__name__}: {e}"}
+            say(f"  {label}: ERROR at load {type(e).__name__}: {e}")
+            write()
             continue
         load_s = time.perf_counter() - t0
         try:
@@ -163,33 +179,37 @@ def main(argv=None) -> int:
         results[label] = r
         say(f"  {label}: {r['total_ms']:.2f} ms median over {r['rounds']} searches "
             f"(backbone {r['stages_ms']['backbone']:.2f}, load {load_s:.1f} s)")
+        write()
 
-    precision = {}
+    write()
     if not a.no_precision:
-        precision = precision_section(bundle, dev, results, work, say)
-    text = table(results, precision, name, a.rows)
-    print(text)
-    (out / "serving.txt").write_text(text + "\n")
-    (out / "serving.json").write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": a.rows,
-                                                  "modes": results, "precision": precision}, indent=1, default=str))
+        try:
+            precision_section(bundle, dev, results, work, say, precision, write)
+        except Exception as e:  # the timing table is already written; say why the comparison is missing
+            precision["error"] = f"{type(e).__name__}: {e}"
+            say(f"  precision: ERROR {type(e).__name__}: {e}")
+    print(write())
     return 0
 
 
-def precision_section(bundle, dev: str, results: dict, work: Path, say) -> dict:
-    """Reduced-precision modes against torch fp32 on real photos (a small fp32 index of photo views)."""
+def precision_section(bundle, dev: str, results: dict, work: Path, say, out: dict, save=lambda: None) -> dict:
+    """Reduced-precision modes against torch fp32 on real photos (a small fp32 index of photo views).
+    Fills `out` as it goes and calls `save()` after each mode."""
     from sgengine import Engine, Index
     from sgengine.errors import BackendUnavailableError
     from sgengine.photoset import make_photo_set
     from sgengine.precision import precision_report
     queries, ddir = make_photo_set(work / "photos")
     views = sorted(ddir.rglob("*.jpg"))
+    t0 = time.perf_counter()
     ref = Engine.load(bundle, device=dev, backend="torch")
     d = ref.embed(views)
     idx = Index.create(work / "photo-index", dim=d.shape[1], bundle_fingerprint=bundle.fingerprint)
     idx.add(d, [str(p.relative_to(ddir)) for p in views])
     ref = Engine.load(bundle, index=idx, device=dev, backend="torch")
     qs = [queries[n] for n in sorted(queries)]
-    out = {"queries": len(qs), "database_views": len(views)}
+    out.update({"queries": len(qs), "database_views": len(views)})
+    say(f"  precision: embedded {len(views)} photo views with torch fp32 in {time.perf_counter() - t0:.0f} s")
     for label, r in results.items():
         if "total_ms" not in r or r["describe"]["precision"] == "fp32":
             continue
@@ -199,11 +219,18 @@ def precision_section(bundle, dev: str, results: dict, work: Path, say) -> dict:
         except BackendUnavailableError as e:
             out[label] = {"skipped": str(e)}
             continue
-        rep = precision_report(ref, low, qs, k=100)
-        rep["top10_agreement"] = precision_report(ref, low, qs, k=10)["topk_agreement"]
+        try:
+            rep = precision_report(ref, low, qs, k=100)
+            rep["top10_agreement"] = precision_report(ref, low, qs, k=10)["topk_agreement"]
+        except Exception as e:  # one mode failing must not cost the others their comparison
+            out[label] = {"error": f"{type(e).__name__}: {e}"}
+            say(f"  precision {label}: ERROR {type(e).__name__}: {e}")
+            save()
+            continue
         out[label] = rep
         say(f"  precision {label}: max|err| {rep['max_abs_err']:.2e}, min cos {rep['min_cosine']:.6f}, "
             f"top-10 {rep['top10_agreement']:.4f}, top-{rep['k']} {rep['topk_agreement']:.4f}")
+        save()
     return out
 
 
@@ -245,6 +272,10 @@ def table(results: dict, precision: dict, device: str, rows: int) -> str:
             if isinstance(rep, dict) and "max_abs_err" in rep:
                 lines.append(f"  {label:<20} max|err| {rep['max_abs_err']:.2e}  min cos {rep['min_cosine']:.6f}  "
                              f"top-10 {rep['top10_agreement']:.4f}  top-100 {rep['topk_agreement']:.4f}")
+            elif isinstance(rep, dict) and ("error" in rep or "skipped" in rep):
+                lines.append(f"  {label:<20} {'error' if 'error' in rep else 'skipped'}: {rep.get('error') or rep.get('skipped')}")
+            elif label == "error":
+                lines.append(f"  not completed: {rep}")
     lines.append(f"device: {device}")
     return "\n".join(lines)
 
