@@ -301,13 +301,19 @@ def test_cuda_graph_cache_replays_eager_results():
     conv = torch.nn.Conv2d(3, 8, 3, padding=1).cuda().eval()
     fn = lambda x, static=None: torch.relu(conv(x))  # noqa: E731
     cache = CudaGraphCache(fn, torch.device("cuda"), max_graphs=2, capture_after=2)
+    kept = []
     with torch.inference_mode():
         for shape in [(1, 3, 16, 16), (1, 3, 16, 16), (1, 3, 16, 16), (2, 3, 9, 7), (2, 3, 9, 7), (1, 3, 5, 5),
                       (1, 3, 5, 5), (1, 3, 16, 16)]:
             x = torch.randn(shape, device="cuda")
             out = cache(x)
+            kept.append((out, fn(x)))
             assert torch.allclose(out, fn(x), atol=1e-6)
-    assert len(cache) <= 2 and cache.captures >= 3
+    # Checked again after every later replay: a returned result must not share the graph's outputs
+    # (the graphs share one memory pool, so a later graph's replay may write there too).
+    for out, ref in kept:
+        assert torch.allclose(out, ref, atol=1e-6)
+    assert len(cache) <= 2 and cache.captures >= 3 and not cache.failures, cache.failures
 
 
 @cuda
