@@ -51,7 +51,9 @@ class TensorRTBackbone:
         data, profile = self._plan_bytes(bundle, trt, plan_cache, build_plan, max_side, progress)
         self._logger = trt.Logger(trt.Logger.WARNING)
         with torch.cuda.device(self.device):
-            runtime = trt.Runtime(self._logger)
+            # Kept for the engine's lifetime, like the logger: TensorRT's object-lifetime rules have the
+            # runtime outlive the engines it deserialized.
+            self._runtime = runtime = trt.Runtime(self._logger)
             self.engine = runtime.deserialize_cuda_engine(data)
             if self.engine is None:
                 raise BackendUnavailableError(f"tensorrt backend: the plan from {self.plan_source} did not deserialize "
