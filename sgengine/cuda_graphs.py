@@ -50,7 +50,10 @@ class CudaGraphCache:
         return len(self._graphs)
 
     def _capture(self, tensors: tuple[torch.Tensor, ...], static: Hashable):
-        static_in = tuple(torch.empty_like(t).copy_(t) for t in tensors)
+        with torch.inference_mode(False):
+            # Ordinary tensors even when the capture happens under inference_mode: a later call
+            # made outside it copies into them, which an inference tensor refuses.
+            static_in = tuple(torch.empty_like(t).copy_(t) for t in tensors)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # warm-up off the capture: lazy inits, autotuning, allocator

@@ -24,6 +24,10 @@ class _Graph:
         self.work: list = []
 
     def replay(self) -> None:
+        with torch.inference_mode():  # a real replay writes memory, whatever kind of tensor owns it
+            self._run()
+
+    def _run(self) -> None:
         for fn, args, static, out in self.work:
             res = fn(*args, static=static)
             for dst, src in zip(out if isinstance(out, tuple) else (out,), res if isinstance(res, tuple) else (res,)):
@@ -153,3 +157,14 @@ def test_arguments_are_checked():
         CudaGraphCache(_affine, "cpu", max_graphs=0)
     with pytest.raises(InputError):
         CudaGraphCache(_affine, "cpu", capture_after=0)
+
+
+def test_inference_mode_at_capture_does_not_bind_later_calls(fake):
+    """A graph captured under torch.inference_mode (an engine searched inside one) keeps serving
+    calls made outside it: its static inputs are ordinary tensors, not inference tensors."""
+    cache = CudaGraphCache(fake.op(_affine), "cpu", capture_after=1)
+    with torch.inference_mode():
+        assert torch.equal(cache(torch.ones(4)), _affine(torch.ones(4)))
+    assert torch.equal(cache(torch.zeros(4)), _affine(torch.zeros(4))) and cache.replays == 2
+    with torch.inference_mode():
+        assert torch.equal(cache(torch.ones(4)), _affine(torch.ones(4)))
