@@ -118,48 +118,23 @@ def test_tensorrt_and_cuda_requests_fail_with_reasons(default_bundle):
         load_backbone(b, device="cuda", backend="onnxruntime")
 
 
-def test_onnxruntime_cuda_session_gets_a_stream_it_really_uses(monkeypatch, tmp_path):
-    """ORT reads user_compute_stream=0 (torch's default stream) as "none given" and computes on a
-    stream of its own that does not wait for torch's kernels: the session must get a real (non-zero)
-    stream handle. Checked with a stand-in onnxruntime and stream, so it runs without a GPU."""
-    import sys
-    import types
+def test_onnxruntime_cuda_provider_options():
+    """ORT reads user_compute_stream=0 (torch's default stream) as "none given" and then computes on a
+    stream of its own that does not wait for torch's kernels: the options must carry a real stream."""
+    from sgengine.backends.onnxruntime_backend import cuda_provider_options
+    o = cuda_provider_options(1, 0x7F00DEAD)
+    assert o == {"device_id": "1", "cudnn_conv_algo_search": "EXHAUSTIVE", "use_tf32": "0",
+                 "do_copy_in_default_stream": "1", "user_compute_stream": str(0x7F00DEAD)}
+    with pytest.raises(ValueError, match="default stream"):
+        cuda_provider_options(0, 0)
 
-    from sgengine.backends import onnxruntime_backend as orb
 
-    seen = {}
-
-    class Session:
-        def __init__(self, path, sess_options=None, providers=None):
-            seen["providers"] = providers
-
-        def get_providers(self):
-            return [orb.CUDA, orb.CPU]
-
-        def get_inputs(self):
-            return [types.SimpleNamespace(name="image")]
-
-        def get_outputs(self):
-            return [types.SimpleNamespace(name="fmap")]
-
-    class Stream:
-        def __init__(self, device=None):
-            self.cuda_stream = 0x7F00DEAD
-
-    ort = types.SimpleNamespace(
-        SessionOptions=lambda: types.SimpleNamespace(), InferenceSession=Session,
-        GraphOptimizationLevel=types.SimpleNamespace(ORT_ENABLE_ALL=99),
-        ExecutionMode=types.SimpleNamespace(ORT_SEQUENTIAL=0),
-        get_available_providers=lambda: [orb.CUDA, orb.CPU])
-    monkeypatch.setitem(sys.modules, "onnxruntime", ort)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "Stream", Stream)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
-    bb = orb.OnnxRuntimeBackbone(tmp_path / "backbone.onnx", device="cuda")
-    (name, options), _ = seen["providers"]
-    assert name == orb.CUDA and options["user_compute_stream"] == str(0x7F00DEAD) != "0"
-    assert options["use_tf32"] == "0" and options["device_id"] == "0"
-    assert bb._stream.cuda_stream == 0x7F00DEAD
+def test_cuda_graph_cache_arguments_are_checked():
+    from sgengine.cuda_graphs import CudaGraphCache
+    with pytest.raises(InputError):
+        CudaGraphCache(lambda x, static=None: x, "cpu", max_graphs=0)
+    with pytest.raises(InputError):
+        CudaGraphCache(lambda x, static=None: x, "cpu", capture_after=0)
 
 
 # ------------------------------------------------------------------ selection and precision errors
@@ -314,6 +289,10 @@ def test_cuda_graph_cache_replays_eager_results():
     for out, ref in kept:
         assert torch.allclose(out, ref, atol=1e-6)
     assert len(cache) <= 2 and cache.captures >= 3 and not cache.failures, cache.failures
+    # Captured under inference_mode above; replays outside it copy into the static inputs.
+    x = torch.randn(1, 3, 5, 5, device="cuda")
+    replays = cache.replays
+    assert torch.allclose(cache(x), fn(x), atol=1e-6) and cache.replays == replays + 1
 
 
 @cuda

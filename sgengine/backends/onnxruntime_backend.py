@@ -21,6 +21,16 @@ def machine_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def cuda_provider_options(device_index: int, stream_handle: int) -> dict[str, str]:
+    """CUDA execution provider options: ORT computes on `stream_handle` (a stream of the session's
+    own; 0, the default stream, reads as "none given" to ORT), TF32 off (fp32 is the fidelity
+    mode), exhaustive cuDNN algorithm search (paid once per input shape)."""
+    if not stream_handle:
+        raise ValueError("user_compute_stream must be a real stream, not the default stream (handle 0)")
+    return {"device_id": str(int(device_index)), "cudnn_conv_algo_search": "EXHAUSTIVE", "use_tf32": "0",
+            "do_copy_in_default_stream": "1", "user_compute_stream": str(int(stream_handle))}
+
+
 class OnnxRuntimeBackbone:
     """`backbone(x [B,3,H,W] f32) -> [B,C,h,w] f32` through one ONNX Runtime session.
 
@@ -68,8 +78,7 @@ class OnnxRuntimeBackbone:
             # kernels that wrote the input. TF32 off keeps fp32 the fidelity mode; exhaustive cuDNN
             # search pays once per shape.
             self._stream = torch.cuda.Stream(self.device)
-            options = {"device_id": str(index), "cudnn_conv_algo_search": "EXHAUSTIVE", "use_tf32": "0",
-                       "do_copy_in_default_stream": "1", "user_compute_stream": str(self._stream.cuda_stream)}
+            options = cuda_provider_options(index, self._stream.cuda_stream)
             providers: list = [(CUDA, options), CPU]
         elif self.device.type == "cpu":
             providers = [CPU]
