@@ -29,13 +29,17 @@ class CudaGraphCache:
     returns clones of the static outputs (a tensor or a tuple of tensors), so a caller may keep
     results across calls. If capture fails (an op that cannot be captured), that signature runs
     eagerly from then on and `failures` says why: describe() shows it, the results stay right.
+    `eager(*tensors, static=)`, when given, runs the calls that are not replayed (default: fn).
     """
 
     def __init__(self, fn: Callable, device: torch.device | str, *, max_graphs: int = 16,
-                 capture_after: int = 2) -> None:
+                 capture_after: int = 2, eager: Callable | None = None) -> None:
         if max_graphs < 1 or capture_after < 1:
             raise InputError(f"max_graphs and capture_after must be >= 1, got {max_graphs}, {capture_after}")
         self.fn = fn
+        # Calls that are not (yet) captured may run another variant: the torch backbone autotunes
+        # cuDNN only for shapes worth a graph, and uses cuDNN's heuristics for one-off shapes.
+        self.eager = eager or fn
         self.device = torch.device(device)
         self.max_graphs = int(max_graphs)
         self.capture_after = int(capture_after)
@@ -74,13 +78,13 @@ class CudaGraphCache:
         if entry is None:
             self._seen[key] += 1
             if self._seen[key] < self.capture_after or str(key) in self.failures:
-                return self.fn(*tensors, static=static)
+                return self.eager(*tensors, static=static)
             try:
                 entry = self._capture(tensors, static)
             except Exception as e:  # noqa: BLE001 - any capture error: run this signature eagerly
                 torch.cuda.synchronize(self.device)
                 self.failures[str(key)] = f"{type(e).__name__}: {e}"
-                return self.fn(*tensors, static=static)
+                return self.eager(*tensors, static=static)
             self._graphs[key] = entry
             if len(self._graphs) > self.max_graphs:
                 self._graphs.popitem(last=False)

@@ -123,7 +123,7 @@ def test_onnxruntime_cuda_provider_options():
     stream of its own that does not wait for torch's kernels: the options must carry a real stream."""
     from sgengine.backends.onnxruntime_backend import cuda_provider_options
     o = cuda_provider_options(1, 0x7F00DEAD)
-    assert o == {"device_id": "1", "cudnn_conv_algo_search": "EXHAUSTIVE", "use_tf32": "0",
+    assert o == {"device_id": "1", "cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "0",
                  "do_copy_in_default_stream": "1", "user_compute_stream": str(0x7F00DEAD)}
     with pytest.raises(ValueError, match="default stream"):
         cuda_provider_options(0, 0)

@@ -99,22 +99,26 @@ class TorchBackbone:
         self._amp = _AMP[precision]
         self.providers = [f"torch-{self.device.type}"]
         use_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
-        self.graphs = (CudaGraphCache(lambda x, static=None: self._forward(x), self.device, max_graphs=max_graphs)
+        # cuDNN autotuning costs seconds per new input shape (every convolution is timed): worth it
+        # for a shape that repeats (it is captured into a graph with the tuned algorithms), not for
+        # the one-off sizes of a photo collection, which use cuDNN's heuristics.
+        self.graphs = (CudaGraphCache(lambda x, static=None: self._forward(x, tune=True), self.device,
+                                      max_graphs=max_graphs, eager=lambda x, static=None: self._forward(x))
                        if use_graphs else None)
 
-    def _context(self):
+    def _context(self, tune: bool = False):
         stack = contextlib.ExitStack()
         if self.device.type == "cuda":
             # fp32 is the fidelity mode: cuDNN's TF32 convolutions (torch's default) would not match
-            # SPEC's float32 model. benchmark=True: repeated shapes get the fastest algorithm.
-            stack.enter_context(cudnn_ieee_conv(benchmark=True))
+            # SPEC's float32 model. tune: cuDNN benchmarks its algorithms for this shape.
+            stack.enter_context(cudnn_ieee_conv(benchmark=tune))
         if self._amp is not None:
             # cache_enabled=False: a cast weight cached across calls would be freed under a CUDA graph.
             stack.enter_context(torch.autocast(self.device.type, dtype=self._amp, cache_enabled=False))
         return stack
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode(), self._context():
+    def _forward(self, x: torch.Tensor, tune: bool = False) -> torch.Tensor:
+        with torch.inference_mode(), self._context(tune):
             return self.trunk(x).float()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
