@@ -61,11 +61,11 @@ for section in "${sections[@]}"; do
   serving)
     echo "== serving benchmark"
     t0=$SECONDS
-    timeout 210 python3 bench/serving_gpu.py --out "$out" --seconds 5 2>&1 | tail -40
+    timeout 300 python3 bench/serving_gpu.py --out "$out" --seconds 5 2>&1 | tail -40
     echo "serving benchmark took $((SECONDS - t0)) s"
     echo "== serving tests"
     t0=$SECONDS
-    timeout 80 python3 -m pytest -q -p no:cacheprovider --durations=5 tests/test_serving.py -k "gpu or cuda" 2>&1 | tail -25
+    timeout 120 python3 -m pytest -q -p no:cacheprovider --durations=5 tests/test_serving.py -k "gpu or cuda" 2>&1 | tail -25
     echo "serving tests took $((SECONDS - t0)) s"
     ;;
   *) echo "unknown section $section (kernels, serving)";;
