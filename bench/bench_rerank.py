@@ -13,7 +13,7 @@ Implementations:
   independent, so the scaled time is the full batch's).
 - "reference": the batched plain PyTorch reference.
 - "cpu": the fast path (`sgengine.kernels.rerank_cpu`) as impl="cpu" runs it here: the certified
-  bfloat16 selection where `sgengine.rerank.cpu_path` says so (AVX512_BF16/AMX, M' >= 192),
+  bfloat16 selection where `sgengine.rerank.cpu_path` says so (AVX512_BF16/AMX, M' >= 160),
   else the float32 one; extra_info["path"] names it.
 - "cpu_fp32": the fast path with the float32 Gram and torch.topk (the previous default).
 - "cpu_bf16": the fast path with the certified bfloat16 selection (CPU only), at every M.
