@@ -232,7 +232,7 @@ class Engine:
             "device": str(self.device),
             "backend": self.backbone.describe(),
             "head_impl": self.head_impl,
-            "rerank_impl": self.rerank_impl + (" +cuda_graphs" if self._rerank_graphs is not None else ""),
+            "rerank_impl": self._rerank_path(),
             "search_impl": self._search_path(),
             "precision": getattr(self.backbone, "precision", "fp32"),
             "scales": list(self.scales),
@@ -241,6 +241,14 @@ class Engine:
                 "path": str(self.index.path), "count": len(self.index), "dtype": self.index.dtype,
                 "rows": self.index.residency(self.device)},
         }
+
+    def _rerank_path(self) -> str:
+        if self._rerank_graphs is not None:
+            return self.rerank_impl + " +cuda_graphs"
+        if self.rerank_impl == "cpu":
+            from .rerank import cpu_path
+            return f"cpu ({cpu_path(self.device, int(self.bundle.rerank_defaults['M']))} at M'={self.bundle.rerank_defaults['M']})"
+        return self.rerank_impl
 
     def _search_path(self) -> str:
         if self.index is None:
