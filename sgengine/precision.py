@@ -25,12 +25,14 @@ def topk_agreement(ids_a: Sequence[Sequence], ids_b: Sequence[Sequence], k: int)
     return float(np.mean(fr))
 
 
-def precision_report(reference, candidate, images: Sequence[Any], *, k: int = 100, rerank: bool = True) -> dict:
+def precision_report(reference, candidate, images: Sequence[Any], *, k: int = 100, rerank: bool = True,
+                     also_k: Sequence[int] = (10,)) -> dict:
     """Embed `images` with both engines (same bundle; `reference` normally fp32) and compare.
 
     Returns max_abs_err (largest |difference| of any descriptor element; descriptors are unit
     vectors), min_cosine / mean_cosine between the two descriptors of each image and, when both
-    engines have an index, topk_agreement of their `search(..., k)` results.
+    engines have an index, topk_agreement of their `search(..., k)` results, and top{j}_agreement
+    for each j in also_k (j < k) from the same searches. Each engine embeds the images once.
     """
     if reference.bundle.fingerprint != candidate.bundle.fingerprint:
         raise ValueError("precision_report compares two engines over the same bundle")
@@ -45,6 +47,11 @@ def precision_report(reference, candidate, images: Sequence[Any], *, k: int = 10
         kk = min(k, len(reference.index))
         ra = reference.search(a, k=kk, rerank=rerank)
         rb = candidate.search(b, k=kk, rerank=rerank)
+        ids_a = ra.ids if isinstance(ra.ids[0], list) else [ra.ids]
+        ids_b = rb.ids if isinstance(rb.ids[0], list) else [rb.ids]
         out["k"] = kk
-        out["topk_agreement"] = topk_agreement(ra.ids, rb.ids, kk)
+        out["topk_agreement"] = topk_agreement(ids_a, ids_b, kk)
+        for j in also_k:
+            if j < kk:
+                out[f"top{j}_agreement"] = topk_agreement(ids_a, ids_b, j)
     return out
