@@ -7,7 +7,8 @@ Where the plan comes from, first match wins:
    fingerprint, backbone.onnx's hash, GPU, TensorRT version, precision and input profile;
 3. a new plan built now from backbone.onnx (minutes, with progress) and stored in the cache,
    unless build_plan=False, in which case a missing or stale plan is an error saying why.
-The plan runs on torch CUDA tensors as I/O buffers on the current torch stream: no host copies.
+The plan runs on torch CUDA tensors as I/O buffers, on a stream of its own ordered against the
+caller's torch stream: no host copies, no host synchronization.
 """
 from __future__ import annotations
 
@@ -59,6 +60,9 @@ class TensorRTBackbone:
                 raise BackendUnavailableError(f"tensorrt backend: the plan from {self.plan_source} did not deserialize "
                                               f"with TensorRT {trt.__version__}; delete it and load again to rebuild")
             self.context = self.engine.create_execution_context()
+            # A stream of our own: enqueueV3 on the default stream (handle 0) makes TensorRT add
+            # synchronizations of its own. Ordered against the caller's stream on every call.
+            self._stream = torch.cuda.Stream(self.device)
         self.min_shape, self.max_shape = profile.get("min"), profile.get("max")
         self.name = "tensorrt"
         self.providers = [f"TensorRT {trt.__version__}"]
@@ -99,9 +103,15 @@ class TensorRTBackbone:
         y = torch.empty(shape, dtype=torch.float32, device=self.device)
         self.context.set_tensor_address(self.input_name, x.data_ptr())
         self.context.set_tensor_address(self.output_name, y.data_ptr())
-        stream = torch.cuda.current_stream(self.device)
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError(f"TensorRT execution failed for input {list(x.shape)}")
+        caller = torch.cuda.current_stream(self.device)
+        # TensorRT reads x after what the caller queued, and the caller's later work (reading y,
+        # reusing x's memory) waits for TensorRT: no host synchronization either way.
+        self._stream.wait_stream(caller)
+        try:
+            if not self.context.execute_async_v3(self._stream.cuda_stream):
+                raise RuntimeError(f"TensorRT execution failed for input {list(x.shape)}")
+        finally:
+            caller.wait_stream(self._stream)
         return y
 
     def describe(self) -> dict:
