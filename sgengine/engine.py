@@ -16,7 +16,6 @@ import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -413,12 +412,11 @@ class Engine:
                 timer.add("gather", t0)
                 return Y
 
-            impl: Any = self.rerank_impl
-            if self._rerank_graphs is not None:
-                graphs = self._rerank_graphs
+            graphs = self._rerank_graphs
 
-                def impl(q_, Y_, K_, beta_):
-                    return graphs(q_.contiguous(), Y_.contiguous(), static=(int(K_), float(beta_)))
+            def replay(q_, Y_, K_, beta_):
+                return graphs(q_.contiguous(), Y_.contiguous(), static=(int(K_), float(beta_)))
+            impl: Any = self.rerank_impl if graphs is None else replay
             t0 = timer.now()
             rows, scores = rerank_first_stage(q, scores, rows, gather, m_eff, K, beta, impl)
             timer.add("rerank", t0)
