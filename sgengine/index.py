@@ -393,11 +393,6 @@ class Index:
         stored rows are uploaded once, in the stored dtype, and kept there until the next add
         or compact (`release_device()` frees them). `impl`: see search.topk_similarity.
         """
-        n = len(self)
-        if n == 0:
-            raise InputError(f"index {self._path} is empty: add descriptors first (sgengine index build)")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
-            raise InputError(f"k must be a positive integer, got {k!r}")
         scores, rows = self.search_tensor(queries, k, device=device, impl=impl)
         return scores.cpu().numpy(), rows.cpu().numpy()
 
