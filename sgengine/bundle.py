@@ -63,14 +63,13 @@ def compute_fingerprint(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write to a temp file in the same directory, fsync, then os.replace: readers see old or new, never half."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -80,6 +79,11 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """`data` as indented JSON, written atomically (write_bytes_atomic)."""
+    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
 
 
 _REQUIRED = ("format", "format_version", "model", "head", "preprocess", "files", "fingerprint")

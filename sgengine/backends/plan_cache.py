@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,26 +115,12 @@ def lookup(directory: str | os.PathLike, key: PlanKey) -> PlanLookup:
     return PlanLookup("hit", plan, sidecar, "", meta)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def store(directory: str | os.PathLike, key: PlanKey, plan_bytes: bytes, **extra) -> PlanLookup:
     """Write a plan and then its sidecar, each atomically. A crash between the two leaves a plan
     without a sidecar, which lookup() calls stale: never a sidecar vouching for a half plan."""
     import hashlib
+
+    from ..bundle import write_bytes_atomic
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     base = slot_name(key.gpu, key.tensorrt, key.precision)
@@ -145,10 +130,10 @@ def store(directory: str | os.PathLike, key: PlanKey, plan_bytes: bytes, **extra
     except FileNotFoundError:
         pass
     data = bytes(plan_bytes)
-    _atomic_write(plan, data)
+    write_bytes_atomic(plan, data)
     meta = {"version": SIDECAR_VERSION, **key.as_dict(), "plan_bytes": len(data),
             "plan_sha256": hashlib.sha256(data).hexdigest(), **extra}
-    _atomic_write(sidecar, json.dumps(meta, indent=1, sort_keys=True).encode())
+    write_bytes_atomic(sidecar, json.dumps(meta, indent=1, sort_keys=True).encode())
     return PlanLookup("hit", plan, sidecar, "", meta)
 
 
