@@ -9,9 +9,10 @@ is only set where it exists.
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Callable, Sequence
+
+from sgengine.backends.plan_cache import gpu_slug  # one slug for export-time and cached plans
 
 MAX_BATCH = 8
 OPT_SIDE = 1024  # revisited Oxford/Paris images are ~1024 px on the long side
@@ -28,10 +29,6 @@ def tensorrt_unavailable_reason() -> str | None:
     if not torch.cuda.is_available():
         reasons.append(f"torch sees no CUDA GPU (torch {torch.__version__}, CUDA build: {torch.version.cuda})")
     return "; ".join(reasons) or None
-
-
-def gpu_slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def plan_filename(gpu_name: str, trt_version: str, fp16: bool) -> str:
