@@ -87,12 +87,75 @@ def test_bound_holds(seed, kind, M, D, c):
     assert ratio > 1 / 32, f"seed {seed}: bound {1 / ratio:.0f}x the largest error"
 
 
-@pytest.mark.parametrize("gram", ["full", "sym"])
+native_gram = pytest.mark.skipif(not rc._native_gram_ok(), reason="no AVX512_BF16 here: gram_bf16 does not run")
+
+
+@pytest.mark.parametrize("gram", ["full", "sym", pytest.param("native", marks=native_gram)])
 def test_bound_holds_symmetric_blocks(seed, gram):
     Y = _data("clustered", np.random.default_rng(seed), 1, 300, 128)
     x, e = rc.approx_gram_with_bound(Y, 0.5, gram=gram)
     assert bool(((x - gram64(Y)).abs() <= e).all()), f"seed {seed}"
     assert bool((x == x.transpose(1, 2)).all()) or gram == "full"
+
+
+def _operands(rng: np.random.Generator, b: int, M: int, D: int, c: float):
+    """bfloat16 L = [h | 1 | 0..], R = [h | -c | 0..] with h = bf16(unit Gaussian rows), ld as the rerank pads it."""
+    ld = (D + 1 + 15) // 16 * 16
+    h = torch.from_numpy(rng.standard_normal((b, M, D))).float()
+    h = torch.nn.functional.normalize(h, dim=2).bfloat16()
+    L = torch.zeros(b, M, ld, dtype=torch.bfloat16)
+    L[..., :D] = h
+    R = L.clone()
+    L[..., D] = 1.0
+    R[..., D] = -c
+    return L, R, ld
+
+
+@native_gram
+@pytest.mark.parametrize("b,M,D", [(1, 400, 2048), (3, 97, 130), (2, 33, 64), (1, 1, 16), (2, 13, 7), (1, 417, 96)])
+def test_native_gram(seed, b, M, D):
+    # The triangle kernel: every entry written (NaN beforehand), the lower triangle an exact mirror,
+    # each entry within the bound's accumulation and output-rounding terms of the float64 product
+    # of the same bfloat16 operands, and the same bits at one and two threads (one writer per entry).
+    L, R, ld = _operands(np.random.default_rng(seed), b, M, D, 0.375)
+    A = torch.full((b, M, M), float("nan"), dtype=torch.bfloat16)
+    rc._native.gram_bf16(L.data_ptr(), R.data_ptr(), A.data_ptr(), b, M, ld, 2)
+    assert not bool(torch.isnan(A).any()), f"seed {seed}: entries left unwritten"
+    assert torch.equal(A, A.transpose(1, 2)), f"seed {seed}"
+    exact = torch.bmm(L.double(), R.double().transpose(1, 2))
+    terms = torch.bmm(L.double().abs(), R.double().abs().transpose(1, 2))
+    n = ld
+    bound = n * 2.0 ** -24 / (1 - n * 2.0 ** -24) * terms + 2.0 ** -8 * A.double().abs() + 1e-30
+    err = (A.double() - exact).abs()
+    assert bool((err <= bound).all()), f"seed {seed}: error {float((err / bound).max()):.3f}x the bound"
+    # Rounded to nearest: off the exact value by at most about half a bfloat16 ulp, not truncated.
+    assert float((err - 2.0 ** -9 * exact.abs()).max()) < 1e-3, f"seed {seed}"
+    A1 = torch.empty_like(A)
+    rc._native.gram_bf16(L.data_ptr(), R.data_ptr(), A1.data_ptr(), b, M, ld, 1)
+    assert torch.equal(A, A1), f"seed {seed}: one and two threads disagree"
+
+
+@native_gram
+def test_native_gram_matches_torch_product(seed):
+    # Against oneDNN's bfloat16 product of the same operands: both round float32 sums of the
+    # same exact products, so they differ by at most a bfloat16 ulp or two where the sums' orders
+    # part ways at a rounding boundary.
+    L, R, ld = _operands(np.random.default_rng(seed), 1, 300, 512, 0.0)
+    A = torch.empty(1, 300, 300, dtype=torch.bfloat16)
+    rc._native.gram_bf16(L.data_ptr(), R.data_ptr(), A.data_ptr(), 1, 300, ld, 2)
+    T = torch.mm(L[0], R[0].T)
+    diff = (A[0].float() - T.float()).abs()
+    ulp = 2.0 ** (torch.floor(torch.log2(T.float().abs().clamp_min(2.0 ** -20))) - 7)
+    assert bool((diff <= 2 * ulp).all()), f"seed {seed}: {float((diff / ulp).max()):.1f} ulp apart"
+    assert float((diff == 0).float().mean()) > 0.9, f"seed {seed}"
+
+
+def test_gram_option_errors():
+    Y = torch.nn.functional.normalize(torch.randn(1, 300, 32), dim=2)
+    with pytest.raises(ValueError, match="gram must be one of"):
+        rc.rerank_candidates_cpu(torch.randn(1, 32), Y, gram="blocked")
+    with pytest.raises(ValueError, match="certified path's bfloat16 product"):
+        rc.rerank_candidates_cpu(torch.randn(1, 32), Y, select="exact", gram="native")
 
 
 # ----------------------------------------------------------------------------- the selection
@@ -210,6 +273,17 @@ def test_rerank_matches_chain(seed, nq, M, D, K):
     queries, db = make_data(seed, nq, 3 * M, D)
     q, Y = candidates(queries, db, M)
     check_against_chain(q, Y, K, 0.15, seed, impls=("cpu_bf16", "cpu_fp32", "cpu"))
+
+
+@pytest.mark.parametrize("gram", ["sym", "full"])
+def test_rerank_torch_gram_fallback(seed, gram):
+    # Where gram_bf16 does not run (no AVX512_BF16), the certified path multiplies with torch.
+    queries, db = make_data(seed, 2, 900, 128)
+    q, Y = candidates(queries, db, 300)
+    o, s = rc.rerank_candidates_cpu(q, Y, select="certified", gram=gram)
+    ref_o, ref_s = rc.rerank_candidates_cpu(q, Y, select="exact")
+    for b in range(2):
+        assert_rankings_agree(ref_o[b], ref_s[b], o[b], s[b], rtol=0, atol=4e-6, context=f"seed {seed}, {gram}")
 
 
 def test_rerank_float16_rows(seed):
