@@ -370,6 +370,11 @@ def rerank_candidates_cpu(q: torch.Tensor, Y: torch.Tensor, K: int = 9, beta: fl
             vnd = _certified_neighbours(Yb, qb, Kp, blocks, cap, threads, stats, bound_scale)
             if vnd is None and stats is not None:
                 stats["exact_queries"] = stats.get("exact_queries", 0) + b
+        if vnd is not None:  # the rest in C++ too (finite rows: the certified path checked them)
+            v, n, d = vnd
+            _native.finish(v.data_ptr(), n.data_ptr(), d.data_ptr(), Yb.data_ptr(), b, M, D, Kp, beta,
+                           order[a:a + b].data_ptr(), scores[a:a + b].data_ptr(), threads, _ISA)
+            continue
         if vnd is None:
             if certified:  # a non-finite chunk: the exact path's buffer, made on demand
                 G_buf = _scratch("G", (b, M, M), Y.dtype, Y.device)
