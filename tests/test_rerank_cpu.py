@@ -288,6 +288,15 @@ def test_rerank_torch_gram_fallback(seed, gram):
         assert_rankings_agree(ref_o[b], ref_s[b], o[b], s[b], rtol=0, atol=4e-6, context=f"seed {seed}, {gram}")
 
 
+def test_rerank_duplicates_and_ties(seed):
+    # The certified path end to end (C++ selection and finish) where every Gram row has exact
+    # ties, slot 0 may be a duplicate, s1 ties at the expansion's cut and final scores tie in threes.
+    queries, base = make_data(seed, 3, 100, 64)
+    db = np.repeat(base, 3, axis=0)
+    q, Y = candidates(queries, db, 240)
+    check_against_chain(q, Y, 9, 0.15, seed, impls=("cpu_bf16",))
+
+
 def test_rerank_float16_rows(seed):
     # An index stored in float16: the candidates are not exactly unit norm.
     queries, db = make_data(seed, 3, 900, 256)
