@@ -25,7 +25,10 @@ Two ways to get the neighbours (step 3), picked by `select`:
   float32 dots cannot order two candidates at the cut (within their own rounding bound), the
   kernel recomputes those in float64, so the set is the exact top K' of the true Gram, which
   the float32 reference itself only matches up to such near-ties. `certified_path(device, M)`
-  says when "auto" takes it.
+  says when "auto" takes it. Its bfloat16 Gram is the C++ triangle kernel `gram_bf16`
+  (AVX512_BF16) where the CPU has it, else torch; the steps after the neighbours (weights, s1,
+  expansion, s2, order) run in C++ too (`finish`), with the same arithmetic as the torch steps
+  below, which the exact path keeps.
 
 The bound (certified path). Per query, y_i (float32 rows), h_i = bf16(y_i) rounded to nearest
 even, d_i = y_i - h_i (exact in float32: y and h are within a factor 2, Sterbenz),
@@ -132,11 +135,14 @@ def _cert_blocks(gram: str, M: int) -> int:
 
 # Certified path: the bound's spare factor (see the module docstring), where "auto" starts
 # taking it, and the share of a row beyond which a row's candidates are dotted as a whole row.
-# The float32 and certified paths tie at M' = 128 on the 2-core EPYC (0.67 ms, 2 threads); at
-# 160 the certified one is 10% faster (0.82 vs 0.92 ms), at 256 25% (1.41 vs 1.87 ms).
+# With the triangle Gram kernel and the C++ finish (2-core EPYC, 2 threads, clustered unit rows,
+# D = 2048): one query is faster certified from M' = 64 (1.4x; 1.7x at 160), but 70 queries at
+# M' = 64-100 are not (0.85-0.98x: the selection runs query by query, with too little work per
+# query to split over the threads). At M' = 128 it wins at both (1.6x and 1.1x), at 200 by
+# 1.9x and 1.4x.
 _SAFETY = 1.0625
 _OUT_REL = 2.0 ** -8
-_CERT_MIN_M = 160
+_CERT_MIN_M = 128
 _CAP_FRACTION = 0.5
 # Working set per chunk of the certified path (two bfloat16 operands and the bfloat16 Gram): 32
 # MiB holds 9 queries at M' = 400, and cut the per-chunk torch overhead enough to take 70

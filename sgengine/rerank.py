@@ -179,8 +179,8 @@ def resolve_impl(impl: str, device: torch.device | str) -> str:
 def cpu_path(device: torch.device | str = "cpu", M: int = 400) -> str:
     """What impl="cpu" runs for M' candidates on `device`: "cpu_bf16" (bfloat16 Gram, certified
     float32 selection) on a CPU with bfloat16 dot-product instructions (AVX512_BF16 or AMX), the
-    C++ kernel built and M' >= 160; else "cpu_fp32" (float32 Gram). Both give the float32
-    selection; "cpu_bf16" measured 2x+ faster at M' = 400 (issue 3)."""
+    C++ kernel built and M' >= 128; else "cpu_fp32" (float32 Gram). Both give the float32
+    selection; "cpu_bf16" measured 2.2x faster at M' = 400 (issue 3)."""
     from .kernels.rerank_cpu import certified_path
     return "cpu_bf16" if certified_path(device, M) else "cpu_fp32"
 
