@@ -891,12 +891,17 @@ py::tuple certified_topk(uintptr_t a, uintptr_t y, int64_t b, int64_t M, int64_t
         for (int64_t i = s; i < e; ++i) candidates_row(jb, kn, q, i, rs, qs);
         return 0;
       }, 16);
-      for (int64_t d : run_threads<int64_t>(M, threads, [&](int64_t s, int64_t e) {
+      // Rows in chunks of 16 from a shared counter: lower rows dot the pairs they share with
+      // higher ones, so equal row ranges are unequal work (~60/40 over two threads).
+      std::atomic<int64_t> next{0};
+      const int64_t chunks = (M + 15) / 16;
+      for (int64_t d : run_threads<int64_t>(std::min<int64_t>(threads, chunks), threads, [&](int64_t, int64_t) {
              static thread_local RowScratch rs;
              int64_t count = 0;
-             for (int64_t i = s; i < e; ++i) count += dots_row(jb, kn, q, i, qs, rs);
+             for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1))
+               for (int64_t i = c * 16; i < std::min<int64_t>(M, c * 16 + 16); ++i) count += dots_row(jb, kn, q, i, qs, rs);
              return count;
-           }, 16))
+           }, 1))
         dots += d;
       run_threads<int>(M, threads, [&](int64_t s, int64_t e) {
         static thread_local RowScratch rs;
