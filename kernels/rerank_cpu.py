@@ -171,11 +171,12 @@ def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torc
 
 
 def certified_info() -> dict:
-    """{"available": bool, "bf16_hardware": bool, "isa": str | None, "error": str | None}."""
+    """{"available": bool, "bf16_hardware": bool, "isa": str | None, "gram": "avx512_bf16 triangle" |
+    "torch" | None, "error": str | None}; "gram" is what computes the certified path's bfloat16 Gram."""
     if _native is None:
-        return {"available": False, "bf16_hardware": False, "isa": None, "error": _native_error}
+        return {"available": False, "bf16_hardware": False, "isa": None, "gram": None, "error": _native_error}
     return {"available": True, "bf16_hardware": bool(_native.bf16_hardware()), "isa": _native.isas()[0],
-            "error": None}
+            "gram": "avx512_bf16 triangle" if _native_gram_ok() else "torch", "error": None}
 
 
 def certified_path(device: torch.device | str = "cpu", M: int = 400) -> bool:

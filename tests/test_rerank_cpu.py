@@ -329,6 +329,7 @@ def test_non_finite_rows_take_the_exact_path():
 
 def test_impl_names():
     info = rc.certified_info()
+    assert info["gram"] == ("avx512_bf16 triangle" if rc._native_gram_ok() else "torch")
     assert cpu_path("cpu", 400) == ("cpu_bf16" if info["bf16_hardware"] else "cpu_fp32")
     assert cpu_path("cpu", 100) == "cpu_fp32"
     assert resolve_impl("cpu_bf16", "cpu") == "cpu_bf16"
