@@ -3,6 +3,7 @@
     python bench/report.py                 # all suites in bench/
     python bench/report.py bench/bench_head.py -k "cpu or chain"
     python bench/report.py --json out.json # keep pytest-benchmark's raw JSON too
+    python bench/report.py --from-json a.json b.json c.json   # medians over runs of one suite
 
 Every ratio is against the "chain" implementation of the same group (the module-by-module
 reference as the official code runs it), measured in the same run; "floor" columns compare with
@@ -58,13 +59,62 @@ def render(data: dict) -> str:
     return "\n".join(rows)
 
 
+def _medians(data: dict, labels: dict) -> dict[tuple[str, str], float]:
+    """{(shape, impl): median seconds, scaled to the whole batch} of one run; labels gets what "cpu" ran."""
+    out = {}
+    for b in data["benchmarks"]:
+        ex = b["extra_info"]
+        key = (ex.get("shape", b.get("group") or b["name"]), ex.get("impl", b["name"]))
+        out[key] = b["stats"]["median"] / ex.get("scale", 1)
+        if "path" in ex:
+            labels[key] = f"{key[1]} ({ex['path'].removeprefix('cpu_')})"
+    return out
+
+
+def render_runs(runs: list[dict]) -> str:
+    """Several runs of the same suite side by side: each run's median per (shape, impl), the median
+    of those, and its ratios to the chain's and the floor's medians of runs. On a shared machine
+    whose speed drifts between runs, this is steadier than any one run's ratio."""
+    labels: dict = {}
+    per_run = [_medians(r, labels) for r in runs]
+    keys = list(dict.fromkeys(k for m in per_run for k in m))
+    med = {}
+    for k in keys:
+        xs = sorted(m[k] for m in per_run if k in m)
+        med[k] = xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+    rows = [f"{'shape':<34} {'impl':<12} {'runs (ms)':<{10 * len(runs)}} {'median':>11} {'vs chain':>9} {'vs floor':>9}"]
+    rows.append("-" * len(rows[0]))
+    last = None
+    for shape, impl in keys:
+        if last is not None and shape != last:
+            rows.append("")
+        last = shape
+        chain = med.get((shape, "chain"))
+        floor = next((med[(shape, f)] for f in FLOORS if (shape, f) in med), None)
+        m = med[(shape, impl)]
+        cells = "".join(f"{pr[(shape, impl)] * 1e3:>10.3f}" if (shape, impl) in pr else f"{'-':>10}" for pr in per_run)
+        vs_chain = f"{chain / m:8.1f}x" if chain else "-"
+        vs_floor = f"{m / floor:8.2f}x" if floor and impl not in FLOORS else "-"
+        label = labels.get((shape, impl), impl)
+        rows.append(f"{shape:<34} {label:<12} {cells} {m * 1e3:9.3f}ms {vs_chain:>9} {vs_floor:>9}")
+    rows.append("")
+    rows.append(f"median of {len(runs)} runs per row; ratios are of those medians")
+    for r in runs:
+        mi = r.get("machine_info", {})
+        rows.append(f"run: {r.get('datetime', '?')}  {mi.get('sgengine_machine', mi.get('cpu', {}).get('brand_raw', '?'))}")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", help="also keep the raw pytest-benchmark JSON here")
-    p.add_argument("--from-json", help="render an existing JSON file instead of running")
+    p.add_argument("--from-json", nargs="+", metavar="JSON",
+                   help="render existing JSON files instead of running; with several, one table of "
+                        "their medians (runs of the same suite)")
     args, rest = p.parse_known_args(argv)
     if args.from_json:
-        print(render(json.loads(Path(args.from_json).read_text())))
+        runs = [json.loads(Path(f).read_text()) for f in args.from_json]
+        print(render(runs[0]) if len(runs) == 1 else render_runs(runs))
         return 0
     out = args.json or os.path.join(tempfile.mkdtemp(), "bench.json")
     # Paths that exist are suites; everything else goes to pytest untouched (e.g. -k cuda).
