@@ -69,7 +69,11 @@ def _est_seconds(impl: str, nq: int, M: int, device: str) -> float:
     """Rough cost per call, used only to pick rounds and subsets (never reported)."""
     gflop = 2 * nq * M * M * D / 1e9
     rate = 60.0 if device == "cpu" else 20000.0  # GFLOP/s of a float32 Gram
-    per = {"chain": 6.0, "reference": 2.5}.get(impl, 1.2)  # float64, full sorts, gathers
+    # Relative cost (measured on the 2-core EPYC VM): float64 with full sorts, gathers, the fast paths.
+    # Underestimating a fast path's speed left it 3 rounds where 20 fit, and on a machine whose
+    # speed drifts, 3 rounds make a noisy median.
+    per = {"chain": 6.0, "reference": 2.5, "cpu": 0.2, "cpu_bf16": 0.2, "cpu_fp32": 0.4,
+           "gram_matmul": 0.35}.get(impl, 1.2)
     return per * gflop / rate + (2e-3 * nq if impl == "chain" else 0.0)
 
 
