@@ -57,6 +57,13 @@
 #else
 #define RS_X86_DISPATCH 0
 #endif
+// The AVX512_BF16 intrinsics of gram_bf16 need GCC >= 10 or Clang >= 9; older compilers build
+// without it (gram_bf16_available() is then false and the Gram falls back to torch).
+#if RS_X86_DISPATCH && (defined(__clang__) ? __clang_major__ >= 9 : __GNUC__ >= 10)
+#define RS_BF16_KERNEL 1
+#else
+#define RS_BF16_KERNEL 0
+#endif
 
 namespace py = pybind11;
 
@@ -270,7 +277,7 @@ constexpr int kGramMR = 12;
 constexpr int kGramNZ = 2;
 constexpr int kGramNR = 16 * kGramNZ;
 
-#if RS_X86_DISPATCH
+#if RS_BF16_KERNEL
 #define RS_TARGET_BF16 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx512bf16,avx2,fma")))
 
 // Packs columns [j0, j0 + w) of the product (rows of R) as pk[p][c] = the pair (R[j0 + c][2p],
@@ -355,7 +362,7 @@ RS_TARGET_BF16 void gram_panel(const uint16_t* L, const uint16_t* R, uint16_t* A
 #endif
 
 bool gram_bf16_available() {
-#if RS_X86_DISPATCH
+#if RS_BF16_KERNEL
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512f") &&
          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
@@ -839,7 +846,7 @@ void gram_bf16(uintptr_t left, uintptr_t right, uintptr_t out, int64_t b, int64_
   if (b < 0 || M < 1 || ld < 2 || ld % 2) throw py::value_error("gram_bf16: need M >= 1 and an even ld >= 2");
   if (!gram_bf16_available())
     throw std::runtime_error("gram_bf16: this CPU has no AVX512_BF16 (check gram_bf16_available() first)");
-#if RS_X86_DISPATCH
+#if RS_BF16_KERNEL
   const uint16_t* L = reinterpret_cast<const uint16_t*>(left);
   const uint16_t* R = reinterpret_cast<const uint16_t*>(right);
   uint16_t* A = reinterpret_cast<uint16_t*>(out);
