@@ -297,6 +297,19 @@ def test_rerank_duplicates_and_ties(seed):
     check_against_chain(q, Y, 9, 0.15, seed, impls=("cpu_bf16",))
 
 
+def test_batch_split_over_threads_equals_one_by_one(seed):
+    # Batches run their queries on separate threads, single-threaded kernels; one query runs the
+    # kernels on every thread. The arithmetic is the same either way: identical bits.
+    queries, db = make_data(seed, 5, 900, 96)
+    q, Y = candidates(queries, db, 300)
+    st = {}
+    o, s = rc.rerank_candidates_cpu(q, Y, select="certified", stats=st)
+    assert st["rows"] == 5 * 300 and st.get("exact_queries", 0) == 0, st
+    for i in range(5):
+        oi, si = rc.rerank_candidates_cpu(q[i:i + 1], Y[i:i + 1], select="certified")
+        assert torch.equal(o[i], oi[0]) and torch.equal(s[i], si[0]), f"seed {seed}, query {i}"
+
+
 def test_rerank_float16_rows(seed):
     # An index stored in float16: the candidates are not exactly unit norm.
     queries, db = make_data(seed, 3, 900, 256)
