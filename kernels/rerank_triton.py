@@ -28,7 +28,6 @@ a row are taken by K' masked max passes over the row held in registers).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
@@ -36,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..cublas import cublas_fp32 as _cublas_fp32
 from ..errors import BackendUnavailableError, InputError
 
 __all__ = ["rerank_candidates_triton", "PRECISIONS", "GRAMS"]
@@ -221,35 +221,6 @@ def _launch_settings(M: int, D: int, Kp: int, precision: str) -> dict:
 
 _DOT_DTYPES = {"fp32": tl.float32, "tf32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}
 _DOT_PRECISION = {"fp32": "ieee", "tf32": "tf32", "fp16": "ieee", "bf16": "ieee"}
-
-
-@contextlib.contextmanager
-def _cublas_fp32(tf32: bool):
-    """Set cuBLAS fp32 matmuls to IEEE (or TF32) for the block, and restore the caller's setting.
-
-    torch >= 2.9 has a per-backend `fp32_precision`; reading and writing that one keeps both
-    the legacy (`allow_tf32`) and the new API readable afterwards (mixing them raises).
-    Not thread-safe: the flag is process-wide.
-    """
-    mm = torch.backends.cuda.matmul
-    want = "tf32" if tf32 else "ieee"
-    try:
-        saved = mm.fp32_precision
-    except (AttributeError, RuntimeError):
-        saved = None
-    if saved is not None:
-        mm.fp32_precision = want
-        try:
-            yield
-        finally:
-            mm.fp32_precision = saved
-        return
-    saved = mm.allow_tf32
-    mm.allow_tf32 = tf32
-    try:
-        yield
-    finally:
-        mm.allow_tf32 = saved
 
 
 def _gram(Y: torch.Tensor, precision: str, gram: str, cfg: dict) -> torch.Tensor:

@@ -27,6 +27,7 @@ import math
 import numpy as np
 import torch
 
+from .cublas import ieee_if_cuda
 from .errors import BackendUnavailableError, InputError
 
 __all__ = [
@@ -62,35 +63,40 @@ def rerank_candidates_reference(q: torch.Tensor, Y: torch.Tensor, K: int = 9, be
     order = torch.empty(nq, M, dtype=torch.int64, device=Y.device)
     scores = torch.empty(nq, M, dtype=torch.float32, device=Y.device)
     step = _query_chunk(M, D)
-    for a in range(0, nq, step):
-        qb, Yb = q[a:a + step], Y[a:a + step]
-        b = Yb.shape[0]
-        batch = torch.arange(b, device=Y.device)[:, None]
-        # 2. Gram of the candidates.
-        G = torch.bmm(Yb, Yb.transpose(1, 2))  # [b, M, M]
-        # 3. K' largest per row, descending. Slot 0 is *assumed* to be the row itself; its weight
-        # is forced to 1 even when an exact duplicate took the slot (SPEC quirk, kept).
-        v, n = torch.topk(G, Kp, dim=2, largest=True, sorted=True)  # [b, M, K']
-        w = beta * v
-        w[..., 0] = 1.0
-        # 4. Weighted mean of the neighbours. Not re-normalized (SPEC quirk, kept).
-        Yr = torch.zeros_like(Yb)
-        for j in range(Kp):  # loop over neighbour slots (K' <= K+1), not over queries
-            Yr += w[..., j:j + 1] * Yb[batch, n[..., j]]
-        Yr /= w.sum(dim=2, keepdim=True)
-        # 5. First score against the refined candidates.
-        s1 = torch.bmm(Yr, qb[:, :, None]).squeeze(2)  # [b, M]
-        # 6. Expansion: elementwise max of the K' best refined rows by s1. q itself is not part
-        # of it, and it is not normalized (SPEC quirks, kept).
-        o = torch.argsort(s1, dim=1, descending=True)[:, :Kp]
-        qe = Yr[batch, o].amax(dim=1)  # [b, D]
-        # 7. Second score.
-        s2 = torch.bmm(Yr, qe[:, :, None]).squeeze(2)
-        # 8. Final score and order.
-        f = (s1 + s2) / 2
-        fs, idx = torch.sort(f, dim=1, descending=True)
-        order[a:a + b], scores[a:a + b] = idx, fs
+    with ieee_if_cuda(Y):  # float32 products: no TF32, whatever the process flags
+        for a in range(0, nq, step):
+            _reference_chunk(q[a:a + step], Y[a:a + step], Kp, beta, order[a:a + step], scores[a:a + step])
     return order, scores
+
+
+def _reference_chunk(qb: torch.Tensor, Yb: torch.Tensor, Kp: int, beta: float, order: torch.Tensor,
+                     scores: torch.Tensor) -> None:
+    b = Yb.shape[0]
+    batch = torch.arange(b, device=Yb.device)[:, None]
+    # 2. Gram of the candidates.
+    G = torch.bmm(Yb, Yb.transpose(1, 2))  # [b, M, M]
+    # 3. K' largest per row, descending. Slot 0 is *assumed* to be the row itself; its weight
+    # is forced to 1 even when an exact duplicate took the slot (SPEC quirk, kept).
+    v, n = torch.topk(G, Kp, dim=2, largest=True, sorted=True)  # [b, M, K']
+    w = beta * v
+    w[..., 0] = 1.0
+    # 4. Weighted mean of the neighbours. Not re-normalized (SPEC quirk, kept).
+    Yr = torch.zeros_like(Yb)
+    for j in range(Kp):  # loop over neighbour slots (K' <= K+1), not over queries
+        Yr += w[..., j:j + 1] * Yb[batch, n[..., j]]
+    Yr /= w.sum(dim=2, keepdim=True)
+    # 5. First score against the refined candidates.
+    s1 = torch.bmm(Yr, qb[:, :, None]).squeeze(2)  # [b, M]
+    # 6. Expansion: elementwise max of the K' best refined rows by s1. q itself is not part
+    # of it, and it is not normalized (SPEC quirks, kept).
+    o = torch.argsort(s1, dim=1, descending=True)[:, :Kp]
+    qe = Yr[batch, o].amax(dim=1)  # [b, D]
+    # 7. Second score.
+    s2 = torch.bmm(Yr, qe[:, :, None]).squeeze(2)
+    # 8. Final score and order.
+    f = (s1 + s2) / 2
+    fs, idx = torch.sort(f, dim=1, descending=True)
+    order[:], scores[:] = idx, fs
 
 
 # ----------------------------------------------------------------------------- loop chain

@@ -24,6 +24,7 @@ import warnings
 import numpy as np
 import torch
 
+from .cublas import ieee_if_cuda
 from .errors import BackendUnavailableError, InputError
 
 __all__ = ["topk_similarity", "default_chunk_rows", "resolve_impl", "IMPLS"]
@@ -212,7 +213,8 @@ def topk_similarity(queries: torch.Tensor, database: torch.Tensor | np.ndarray, 
                 s2 = Q.to(torch.float32) @ chunk.T  # float16 x float16 products are exact in float32
             s = (s2[:nq] + s2[nq:] * (1.0 / _LO_SHIFT)) * e
         else:
-            s = q @ chunk.T  # [nq, c], float32 accumulation
+            with ieee_if_cuda(chunk):  # SPEC 5's float32 product: no TF32, whatever the process flags
+                s = q @ chunk.T  # [nq, c], float32 accumulation
         kc = min(k, stop - start)
         cs, ci = torch.topk(s, kc, dim=1, largest=True, sorted=False)
         ci = ci + start
