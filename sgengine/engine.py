@@ -12,6 +12,7 @@ first-stage search -> SuperGlobal rerank, and records the milliseconds of each s
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections import defaultdict
@@ -21,8 +22,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from .bundle import Bundle
 from .backends import load_backbone
+from .bundle import Bundle
+from .cublas import ieee_if_cuda
 from .errors import BackendUnavailableError, BundleError, IndexMismatchError, InputError
 from .index import Index
 from .model.head import HeadConfig, l2n, scale_gem_max
@@ -136,7 +138,25 @@ def _parse_device(device: str) -> torch.device:
         raise InputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailableError(f"device={device!r} asked for, but torch sees no CUDA GPU on this machine")
+    if dev.type == "cuda" and dev.index is None:
+        # One GPU for every part (ORT's device_id, streams, Triton, graphs): "cuda" is the current one, now.
+        dev = torch.device("cuda", torch.cuda.current_device())
+    if dev.type == "cuda" and dev.index >= torch.cuda.device_count():
+        raise BackendUnavailableError(f"device={device!r} asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
     return dev
+
+
+def _on_device(method):
+    """Run an Engine method with the engine's GPU current: Triton launches, CUDA graph captures and
+    timing events go to the *current* device, not to the tensors' (for device="cuda:1" in a process
+    whose current device is 0)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if self.device.type != "cuda":
+            return method(self, *args, **kwargs)
+        with torch.cuda.device(self.device):
+            return method(self, *args, **kwargs)
+    return wrapper
 
 
 class Engine:
@@ -191,7 +211,7 @@ class Engine:
         from .search import IMPLS as _SEARCH_IMPLS
         if search_impl not in _SEARCH_IMPLS:
             raise InputError(f"search_impl must be one of {_SEARCH_IMPLS}, got {search_impl!r}")
-        bb = load_backbone(b, device=device, backend=backend, threads=threads, precision=precision,
+        bb = load_backbone(b, device=str(dev), backend=backend, threads=threads, precision=precision,
                            cuda_graphs=cuda_graphs, plan_cache=plan_cache, build_plan=build_plan, max_side=max_side)
         if threads is not None:
             torch.set_num_threads(threads)
@@ -208,7 +228,9 @@ class Engine:
             if idx.dim != b.dim:
                 raise IndexMismatchError(f"index {idx.path} holds {idx.dim}-d descriptors; bundle {b.path} makes {b.dim}-d")
             idx.preload(dev)
-        engine = cls(b, bb, idx, device=device, head_impl=head, rerank_impl=rerank,
+            from .search import resolve_impl as _resolve_search
+            _resolve_search(search_impl, dev, idx.dtype)  # e.g. "split" on float32 rows: an error now, not per search
+        engine = cls(b, bb, idx, device=str(dev), head_impl=head, rerank_impl=rerank,
                      max_side=max_side if max_side is not None else b.max_side)
         engine.search_impl = search_impl
         if dev.type == "cuda" and rerank == "triton" and cuda_graphs is not False:
@@ -265,7 +287,8 @@ class Engine:
         g = l2n(gem_pool(fmap, impl=self.head_impl))
         if self._whiten is not None:
             w, b = self._whiten
-            g = torch.addmm(b, g, w.t())
+            with ieee_if_cuda(g):  # float32 whitening: no TF32, whatever the process flags
+                g = torch.addmm(b, g, w.t())
         return g
 
     @torch.inference_mode()
@@ -316,6 +339,7 @@ class Engine:
                 out[chunk] = d.float()
         return out, notes
 
+    @_on_device
     def embed_decoded(self, images: Sequence[DecodedImage], *, batch_size: int = 8,
                       timer: _Timer | None = None) -> tuple[np.ndarray, list[list[str]]]:
         """Decoded images -> (float32 [n, D] unit rows, notes per image). Equal sizes are batched together."""
@@ -351,6 +375,7 @@ class Engine:
         return [inputs]
 
     # ---------------------------------------------------------------- search
+    @_on_device
     def search(self, query: Any, k: int = 100, *, rerank: bool = True, M: int | None = None, K: int | None = None,
                beta: float | None = None, color_order: str = "RGB") -> SearchResult:
         """Rank the index for one query or a batch.
