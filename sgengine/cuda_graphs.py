@@ -7,6 +7,7 @@ GPU rerank.
 """
 from __future__ import annotations
 
+import threading
 from collections import Counter, OrderedDict
 from typing import Callable, Hashable
 
@@ -47,6 +48,7 @@ class CudaGraphCache:
         self._seen: Counter = Counter()
         self._pool = None
         self.failures: dict[str, str] = {}
+        self._lock = threading.RLock()
         self.captures = 0
         self.replays = 0
 
@@ -67,12 +69,20 @@ class CudaGraphCache:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # Captured on a stream of this cache's device: torch.cuda.graph's default capture stream is
+        # one class-wide stream, made on whichever device was current when it was first used.
+        with torch.cuda.graph(graph, pool=self._pool, stream=side):
             static_out = self.fn(*static_in, static=static)
         self.captures += 1
         return graph, static_in, static_out
 
     def __call__(self, *tensors: torch.Tensor, static: Hashable = None):
+        # One call at a time (the static inputs and outputs are shared), with this cache's GPU
+        # current (capture_begin and Triton launches use the current device).
+        with self._lock, torch.cuda.device(self.device):
+            return self._call(tensors, static)
+
+    def _call(self, tensors: tuple[torch.Tensor, ...], static: Hashable):
         key = _signature(tensors, static)
         entry = self._graphs.get(key)
         if entry is None:

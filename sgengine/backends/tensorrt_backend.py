@@ -49,7 +49,8 @@ class TensorRTBackbone:
         self.input_name, self.output_name = "image", "fmap"
         self.plan_source = ""
         self.cache_note = ""
-        data, profile = self._plan_bytes(bundle, trt, plan_cache, build_plan, max_side, progress)
+        with torch.cuda.device(self.device):  # the builder targets the current device
+            data, profile = self._plan_bytes(bundle, trt, plan_cache, build_plan, max_side, progress)
         self._logger = trt.Logger(trt.Logger.WARNING)
         with torch.cuda.device(self.device):
             # Kept for the engine's lifetime, like the logger: TensorRT's object-lifetime rules have the
@@ -77,8 +78,11 @@ class TensorRTBackbone:
         if d.note:
             self.cache_note = d.note
             progress(f"sgengine: {d.note}")
-        data, _ = build_serialized(bundle.onnx_path, shapes=d.profile, precision=self.precision,
-                                   input_name=self.input_name, progress=progress)
+        try:
+            data, _ = build_serialized(bundle.onnx_path, shapes=d.profile, precision=self.precision,
+                                       input_name=self.input_name, progress=progress)
+        except Exception as e:  # parse or build failure, a missing FP16/BF16 flag: backend="auto" moves on
+            raise BackendUnavailableError(f"tensorrt backend: no plan for {bundle.path} ({type(e).__name__}: {e})") from e
         try:
             stored = pc.store(d.directory, d.key, data)
             self.plan_source = str(stored.plan)
