@@ -87,3 +87,14 @@ def test_torch_backend_equals_onnxruntime_on_a_real_photo(bundle):
     assert (a - t).abs().max().item() <= 1e-4 * t.abs().max().item() + 1e-6
     with pytest.raises(InputError, match=r"\[B, 3, H, W\]"):
         ort(x[:, :2])
+
+
+def test_auto_skips_onnxruntime_that_does_not_import(bundle, monkeypatch):
+    # An environment without onnxruntime (a GPU image whose onnxruntime-gpu install failed):
+    # the onnxruntime runner says so, and backend="auto" moves on to torch instead of crashing.
+    import sys
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # "import onnxruntime" now raises ImportError
+    with pytest.raises(BackendUnavailableError, match="onnxruntime does not import"):
+        load_backbone(bundle, backend="onnxruntime")
+    bb = load_backbone(bundle)
+    assert bb.name == "torch" and any("onnxruntime" in s for s in bb.describe()["skipped"]), bb.describe()

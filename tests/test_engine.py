@@ -262,6 +262,18 @@ def test_bad_engine_arguments(built, default_bundle):
             engine.search(d, k=3, **kw)
 
 
+def test_search_impl_is_checked_against_the_index_at_load(default_bundle, tmp_path):
+    # "split" multiplies float16 rows; with float32 rows it is refused at load, not by every search.
+    from sgengine.bundle import Bundle
+    b = Bundle.load(default_bundle)
+    ix = Index.create(tmp_path / "f32", dim=b.dim, bundle_fingerprint=b.fingerprint, dtype="float32")
+    x = np.random.default_rng(0).standard_normal((5, b.dim))
+    ix.add((x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), [f"r{i}" for i in range(5)])
+    with pytest.raises(InputError, match="split.*float16"):
+        Engine.load(b, index=ix, search_impl="split")
+    assert Engine.load(b, index=ix, search_impl="upcast").describe()["search_impl"] == "upcast"
+
+
 def test_cuda_request_without_gpu_is_an_error(default_bundle):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")

@@ -42,7 +42,10 @@ class OnnxRuntimeBackbone:
 
     def __init__(self, onnx_path: str | os.PathLike, device: str = "cpu", threads: int | None = None,
                  input_name: str = "image", output_name: str = "fmap", *, precision: str = "fp32") -> None:
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ImportError as e:  # backend="auto" moves on to the next backend
+            raise BackendUnavailableError(f"onnxruntime backend: onnxruntime does not import ({e})") from e
 
         if precision != "fp32":
             # The bundle's graph is float32; converting it would be a second, unverified model.
