@@ -549,7 +549,7 @@ class Index:
             seg_dir = self._path / _SEGDIR
             npy = seg_dir / f"{stem}.npy"
             idf = seg_dir / f"{stem}.ids.json"
-            stored = x.astype(self._dtype)
+            stored = x.astype(self._dtype, copy=False)
             sha = _write_npy(npy, stored.shape, stored.dtype, [stored])
             ids_sha = _write_ids(idf, ids)
             _fsync_dir(seg_dir)
@@ -609,19 +609,21 @@ class Index:
             raise InputError(f"descriptors must be floating point, got {x.dtype}")
         if x.ndim != 2 or x.shape[1] != self._dim:
             raise InputError(f"descriptors must be [n, {self._dim}] for index {self._path}, got shape {list(x.shape)}")
-        x64 = x.astype(np.float64)
-        finite = np.isfinite(x64).all(axis=1)
-        if not finite.all():
-            raise InputError(f"descriptor row {int(np.argmin(finite))} contains NaN or Inf: nothing was added")
-        norms = np.sqrt((x64 * x64).sum(axis=1))
-        zero = norms < 1e-12
-        if zero.any():
-            raise InputError(f"descriptor row {int(np.argmax(zero))} is all zeros: nothing was added")
-        off = np.abs(norms - 1.0) > NORM_TOLERANCE
-        if off.any():
-            i = int(np.argmax(off))
-            raise InputError(f"descriptor row {i} has L2 norm {norms[i]:.6g}; rows must be L2-normalized "
-                             f"(|norm - 1| <= {NORM_TOLERANCE}): nothing was added")
+        step = 1 << 16  # float64 copies of a block at a time: 1M x 2048 rows at once would take ~36 GiB
+        for s0 in range(0, x.shape[0], step):
+            x64 = x[s0:s0 + step].astype(np.float64)
+            finite = np.isfinite(x64).all(axis=1)
+            if not finite.all():
+                raise InputError(f"descriptor row {s0 + int(np.argmin(finite))} contains NaN or Inf: nothing was added")
+            norms = np.sqrt((x64 * x64).sum(axis=1))
+            zero = norms < 1e-12
+            if zero.any():
+                raise InputError(f"descriptor row {s0 + int(np.argmax(zero))} is all zeros: nothing was added")
+            off = np.abs(norms - 1.0) > NORM_TOLERANCE
+            if off.any():
+                i = int(np.argmax(off))
+                raise InputError(f"descriptor row {s0 + i} has L2 norm {norms[i]:.6g}; rows must be L2-normalized "
+                                 f"(|norm - 1| <= {NORM_TOLERANCE}): nothing was added")
         return x
 
     @staticmethod

@@ -419,3 +419,23 @@ def test_search_on_cuda(tmp_path, dtype):
     s2, r2 = ix.search(torch.from_numpy(q).cuda(), 305)
     assert r2.shape == (4, 305)
     brute_force_check(ix, np.concatenate([stored, unit_rows(5, seed=82).astype(dtype).astype(np.float32)]), q, 30)
+
+
+def test_row_checks_name_rows_past_the_first_block(tmp_path):
+    # Rows are checked a block of 65,536 at a time (float64 copies of a 1M-row batch would take
+    # ~36 GiB); a bad row in a later block is still named by its position in the whole batch.
+    ix = Index.create(tmp_path / "ix", dim=4, bundle_fingerprint=FP)
+    x = unit_rows(70_000, 4, seed=3)
+    x[66_001, 2] = np.nan
+    with pytest.raises(InputError, match="row 66001 contains NaN"):
+        ix.add(x, names("r", 70_000))
+    x[66_001] = 0.0
+    with pytest.raises(InputError, match="row 66001 is all zeros"):
+        ix.add(x, names("r", 70_000))
+    x[66_001] = [2.0, 0, 0, 0]
+    with pytest.raises(InputError, match="row 66001 has L2 norm 2"):
+        ix.add(x, names("r", 70_000))
+    assert len(ix) == 0  # nothing was added
+    x[66_001] = [1.0, 0, 0, 0]
+    ix.add(x, names("r", 70_000))
+    assert len(ix) == 70_000
