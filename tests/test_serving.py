@@ -202,6 +202,26 @@ def test_cuda_fp32_conv_context_turns_tf32_off_whatever_the_flags(prior):
         cudnn.benchmark, cudnn.enabled, cudnn.deterministic = saved[3:]
 
 
+@pytest.mark.parametrize("prior", ["tf32", "ieee", "none"])
+def test_cublas_guard_forces_ieee_and_restores_the_callers_setting(prior):
+    # The first stage, whitening and reranks run their float32 products under this guard on CUDA;
+    # a host application's own TF32 choice must hold again afterwards. (The flag is host state:
+    # this runs without a GPU.)
+    from sgengine.cublas import cublas_fp32
+    mm = torch.backends.cuda.matmul
+    saved = mm.fp32_precision
+    try:
+        mm.fp32_precision = prior
+        with cublas_fp32(False):
+            assert mm.fp32_precision == "ieee"
+        assert mm.fp32_precision == prior
+        with cublas_fp32(True):
+            assert mm.fp32_precision == "tf32"
+        assert mm.fp32_precision == prior
+    finally:
+        mm.fp32_precision = saved
+
+
 # ------------------------------------------------------------------ reduced precision on real photos
 @pytest.fixture(scope="module")
 def serving_bundle(request, tmp_path_factory):
