@@ -110,7 +110,7 @@ def _run(benchmark, impl: str, nq: int, M: int, device: str) -> None:
         return out
 
     est_run = est * n_run / nq
-    rounds = max(1, min(20, int(3.0 / max(est_run, 1e-4))))
+    rounds = max(3, min(20, int(3.0 / max(est_run, 1e-4))))  # >= 3: one round is one sample, not a median
     benchmark.group = f"rerank {device} nq={nq} M={M} K={K} D={D} N={N}"
     benchmark.extra_info.update({
         "op": "rerank", "shape": f"{device} nq={nq} M={M} K={K} D={D}", "impl": impl,
