@@ -232,7 +232,8 @@ def _approx_gram(Yb: torch.Tensor, q: torch.Tensor | None, c: torch.Tensor | Non
     cpu = Yb.device
     ld = (D + 1 + 15) // 16 * 16  # one column for the shift, rows padded to 32 bytes
     L = _scratch("L", (b, M, ld), torch.bfloat16, cpu)
-    R = _scratch("R", (b, M, ld), torch.bfloat16, cpu)
+    # The C++ Gram packs R from L (they differ in the shift column only): one array less to write.
+    R = None if blocks == _NATIVE_GRAM else _scratch("R", (b, M, ld), torch.bfloat16, cpu)
     base = torch.empty(b, M, dtype=torch.float64)
     norm = torch.empty(b, M, dtype=torch.float64)
     if q is not None:
@@ -241,13 +242,13 @@ def _approx_gram(Yb: torch.Tensor, q: torch.Tensor | None, c: torch.Tensor | Non
     else:
         c, d = c.contiguous(), None
     bad = _native.prepare_bf16(Yb.data_ptr(), 0 if q is None else q.data_ptr(), b, M, D, ld, Kp, L.data_ptr(),
-                               R.data_ptr(), c.data_ptr(), 0 if d is None else d.data_ptr(), base.data_ptr(),
+                               0 if R is None else R.data_ptr(), c.data_ptr(), 0 if d is None else d.data_ptr(), base.data_ptr(),
                                norm.data_ptr(), _SAFETY, threads, _ISA)
     if bad:
         return None
     A = _scratch("A", (b, M, M), torch.bfloat16, cpu)
     if blocks == _NATIVE_GRAM:
-        _native.gram_bf16(L.data_ptr(), R.data_ptr(), A.data_ptr(), b, M, ld, threads)
+        _native.gram_bf16(L.data_ptr(), 0, A.data_ptr(), b, M, ld, threads, D, c.data_ptr())
     else:
         for i in range(b):
             _gram_2d(L[i], R[i], A[i], blocks)

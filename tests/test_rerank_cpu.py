@@ -135,6 +135,11 @@ def test_native_gram(seed, b, M, D):
     A1 = torch.empty_like(A)
     rc._native.gram_bf16(L.data_ptr(), R.data_ptr(), A1.data_ptr(), b, M, ld, 1)
     assert torch.equal(A, A1), f"seed {seed}: one and two threads disagree"
+    # Without R: packed from L with the shift column replaced (even and odd D both appear above).
+    c = torch.full((b,), 0.375)
+    A2 = torch.full_like(A, float("nan"))
+    rc._native.gram_bf16(L.data_ptr(), 0, A2.data_ptr(), b, M, ld, 2, D, c.data_ptr())
+    assert torch.equal(A, A2), f"seed {seed}: R made from L differs"
 
 
 @native_gram

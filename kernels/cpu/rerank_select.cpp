@@ -99,7 +99,8 @@ int split_row_scalar(const float* __restrict y, const float* __restrict q, uint1
     if (q) sd += f * q[k];
     const uint32_t hb = bf16_rne_bits(as_bits(f)) & 0xFFFF0000u;
     bad |= (hb & 0x7F800000u) == 0x7F800000u;
-    L[k] = R[k] = static_cast<uint16_t>(hb >> 16);
+    L[k] = static_cast<uint16_t>(hb >> 16);
+    if (R) R[k] = L[k];
     const double d = static_cast<double>(f) - static_cast<double>(as_float(hb));
     sn += static_cast<double>(f) * f;
     sr += d * d;
@@ -212,7 +213,7 @@ RS_TARGET_AVX512 int split_row_avx512(const float* __restrict y, const float* __
     bad |= _mm512_mask_cmpeq_epi32_mask(m, _mm512_and_si512(hb, expo), expo);
     const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(hb, 16));
     _mm256_mask_storeu_epi16(L + k, m, h);
-    _mm256_mask_storeu_epi16(R + k, m, h);
+    if (R) _mm256_mask_storeu_epi16(R + k, m, h);
     const __m512 d = _mm512_sub_ps(f, _mm512_castsi512_ps(hb));  // exact (Sterbenz); 0 in masked lanes
     const __m512d f0 = _mm512_cvtps_pd(_mm512_castps512_ps256(f)), f1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(f, 1));
     const __m512d d0 = _mm512_cvtps_pd(_mm512_castps512_ps256(d)), d1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(d, 1));
@@ -282,7 +283,10 @@ constexpr int kGramNR = 16 * kGramNZ;
 
 // Packs columns [j0, j0 + w) of the product (rows of R) as pk[p][c] = the pair (R[j0 + c][2p],
 // R[j0 + c][2p + 1]) for c < nr (zeros past w), so that one zmm load holds 16 columns' pair p.
-void gram_pack(const uint16_t* R, int64_t ld, int64_t j0, int w, int nr, uint32_t* pk) {
+// With shift_col >= 0, R is L ([h | 1 | 0..]) and column shift_col (= D) gets shift_bits (the
+// bfloat16 of -c) instead of L's 1: R = [h | -c | 0..] without a second array to write and read.
+void gram_pack(const uint16_t* R, int64_t ld, int64_t j0, int w, int nr, uint32_t* pk, int64_t shift_col,
+               uint16_t shift_bits) {
   // Depth-major: each pass reads one pair from each of the w rows (their lines stay in L1
   // across 16 passes) and writes one contiguous run.
   const int64_t P = ld / 2;
@@ -293,6 +297,13 @@ void gram_pack(const uint16_t* R, int64_t ld, int64_t j0, int w, int nr, uint32_
     int c = 0;
     for (; c < w; ++c) o[c] = r[c][p];
     for (; c < nr; ++c) o[c] = 0u;
+  }
+  if (shift_col >= 0) {  // the pair holding column shift_col: low half for an even column (little-endian)
+    uint32_t* o = pk + (shift_col / 2) * nr;
+    const bool high = shift_col & 1;
+    for (int c = 0; c < w; ++c)
+      o[c] = high ? (o[c] & 0xFFFFu) | (static_cast<uint32_t>(shift_bits) << 16)
+                  : (o[c] & 0xFFFF0000u) | shift_bits;
   }
 }
 
@@ -345,11 +356,11 @@ RS_TARGET_BF16 void gram_rows(const uint16_t* L, int64_t ld, int64_t i0, int row
 
 // One column panel of one query: rows 0 .. j0 + w - 1 (the upper triangle and the diagonal block).
 RS_TARGET_BF16 void gram_panel(const uint16_t* L, const uint16_t* R, uint16_t* A, int64_t M, int64_t ld, int64_t j0,
-                               std::vector<uint32_t>& pk) {
+                               std::vector<uint32_t>& pk, int64_t shift_col, uint16_t shift_bits) {
   const int w = static_cast<int>(std::min<int64_t>(kGramNR, M - j0));
   const int nz = (w + 15) / 16;
   pk.resize(static_cast<size_t>(ld / 2 * 16 * nz));
-  gram_pack(R, ld, j0, w, 16 * nz, pk.data());
+  gram_pack(R, ld, j0, w, 16 * nz, pk.data(), shift_col, shift_bits);
   const int64_t end = j0 + w;
   for (int64_t i0 = 0; i0 < end; i0 += kGramMR) {
     const int rows = static_cast<int>(std::min<int64_t>(kGramMR, end - i0));
@@ -806,14 +817,17 @@ int64_t prepare_bf16(uintptr_t y, uintptr_t q, int64_t b, int64_t M, int64_t D, 
          int64_t bad_rows = 0;
          for (int64_t i = s; i < e; ++i) {
            uint16_t* L = jb.left + i * ld;
-           uint16_t* R = jb.right + i * ld;
+           uint16_t* R = jb.right ? jb.right + i * ld : nullptr;  // null: gram_bf16 packs from L
            const float* qi = jb.q ? jb.q + (i / M) * D : nullptr;
            double n2 = 0.0, r2 = 0.0;
            float dq = 0.0f;
            bad_rows += kn.split_row(jb.y + i * D, qi, L, R, D, &n2, &r2, &dq) != 0;
            if (jb.q) jb.d[i] = dq;
            L[D] = 0x3F80u;  // 1.0; R[D] = -c once c is known
-           for (int64_t k = D + 1; k < ld; ++k) L[k] = R[k] = 0;
+           for (int64_t k = D + 1; k < ld; ++k) {
+             L[k] = 0;
+             if (R) R[k] = 0;
+           }
            norm[i] = std::sqrt(n2);
            resid[i] = std::sqrt(r2);
            // Norms up to 1e15 keep the Gram and every term of the bound far from float32 overflow.
@@ -833,7 +847,8 @@ int64_t prepare_bf16(uintptr_t y, uintptr_t q, int64_t b, int64_t M, int64_t D, 
       jb.shift[qq] = bf16_value(static_cast<uint16_t>((bf16_rne_bits(as_bits(c)) & 0xFFFF0000u) >> 16));
     }
     const uint16_t neg_c = static_cast<uint16_t>(bf16_rne_bits(as_bits(-jb.shift[qq])) >> 16);
-    for (int64_t i = qq * M; i < (qq + 1) * M; ++i) jb.right[i * ld + D] = neg_c;
+    if (jb.right)
+      for (int64_t i = qq * M; i < (qq + 1) * M; ++i) jb.right[i * ld + D] = neg_c;
     bound_rows(jb, qq, norm + qq * M, resid.data() + qq * M);
   }
   return 0;
@@ -842,13 +857,17 @@ int64_t prepare_bf16(uintptr_t y, uintptr_t q, int64_t b, int64_t M, int64_t D, 
 // A = L R^T for b queries (see the gram_bf16 section): L, R [b, M, ld] bfloat16, A [b, M, M]
 // bfloat16. Work items are (query, column panel), largest first, taken from a shared counter, so
 // two threads split one query's triangle evenly; every entry has one writer.
-void gram_bf16(uintptr_t left, uintptr_t right, uintptr_t out, int64_t b, int64_t M, int64_t ld, int threads) {
+void gram_bf16(uintptr_t left, uintptr_t right, uintptr_t out, int64_t b, int64_t M, int64_t ld, int threads,
+               int64_t D, uintptr_t shift) {
   if (b < 0 || M < 1 || ld < 2 || ld % 2) throw py::value_error("gram_bf16: need M >= 1 and an even ld >= 2");
+  if (!right && (!shift || D < 0 || D >= ld))
+    throw py::value_error("gram_bf16: without right_ptr, give D (0 <= D < ld: the shift column) and shift_ptr");
   if (!gram_bf16_available())
     throw std::runtime_error("gram_bf16: this CPU has no AVX512_BF16 (check gram_bf16_available() first)");
 #if RS_BF16_KERNEL
   const uint16_t* L = reinterpret_cast<const uint16_t*>(left);
-  const uint16_t* R = reinterpret_cast<const uint16_t*>(right);
+  const uint16_t* R = right ? reinterpret_cast<const uint16_t*>(right) : L;
+  const float* c = reinterpret_cast<const float*>(shift);
   uint16_t* A = reinterpret_cast<uint16_t*>(out);
   py::gil_scoped_release release;
   const int64_t panels = (M + kGramNR - 1) / kGramNR, n = b * panels;
@@ -857,7 +876,9 @@ void gram_bf16(uintptr_t left, uintptr_t right, uintptr_t out, int64_t b, int64_
     static thread_local std::vector<uint32_t> pk;
     for (int64_t k = next.fetch_add(1); k < n; k = next.fetch_add(1)) {
       const int64_t q = k % b, panel = panels - 1 - k / b;
-      gram_panel(L + q * M * ld, R + q * M * ld, A + q * M * M, M, ld, panel * kGramNR, pk);
+      // -c rounded as prepare_bf16 rounds it into R (c is a bfloat16 value: exact).
+      const uint16_t neg_c = right ? 0 : static_cast<uint16_t>(bf16_rne_bits(as_bits(-c[q])) >> 16);
+      gram_panel(L + q * M * ld, R + q * M * ld, A + q * M * M, M, ld, panel * kGramNR, pk, right ? -1 : D, neg_c);
     }
     return 0;
   }, 1);
@@ -931,17 +952,18 @@ PYBIND11_MODULE(_rerank_cpu, m) {
         py::arg("base_ptr"), py::arg("norm_ptr"), py::arg("safety"), py::arg("threads") = 1, py::arg("isa") = "auto",
         "float32 Y [b*M, D] -> bfloat16 operands [b*M, ld] (L = [bf16(y) | 1 | 0], R = [bf16(y) | -c | 0]),\n"
         "d = Y q and c = bf16(K'-th largest of d) per query when q_ptr != 0 (else c is read),\n"
-        "the bound's row terms and the row norms (float64 [b*M]). Returns how many rows are not finite or too\n"
-        "large (then nothing else is valid).");
+        "the bound's row terms and the row norms (float64 [b*M]). right_ptr = 0: no R (gram_bf16 makes it from L).\n"
+        "Returns how many rows are not finite or too large (then nothing else is valid).");
   m.def("certified_topk", &certified_topk, py::arg("a_ptr"), py::arg("y_ptr"), py::arg("b"), py::arg("M"),
         py::arg("D"), py::arg("Kp"), py::arg("shift_ptr"), py::arg("base_ptr"), py::arg("norm_ptr"), py::arg("out_rel"),
         py::arg("cap"),
         py::arg("v_ptr"), py::arg("n_ptr"), py::arg("threads") = 1, py::arg("isa") = "auto",
         "Exact top-K' per Gram row from a bounded bfloat16 approximation; returns (exact dots, dense rows).");
   m.def("gram_bf16", &gram_bf16, py::arg("left_ptr"), py::arg("right_ptr"), py::arg("out_ptr"), py::arg("b"),
-        py::arg("M"), py::arg("ld"), py::arg("threads") = 1,
+        py::arg("M"), py::arg("ld"), py::arg("threads") = 1, py::arg("D") = -1, py::arg("shift_ptr") = 0,
         "A = L R^T, bfloat16 [b, M, M] (nearest even), from bfloat16 L, R [b, M, ld] whose product is symmetric:\n"
-        "only the upper triangle is multiplied (AVX512_BF16), the rest mirrored.");
+        "only the upper triangle is multiplied (AVX512_BF16), the rest mirrored. right_ptr = 0: R is L with\n"
+        "column D set to bf16(-c) (c: float32 [b] at shift_ptr), as prepare_bf16 makes it.");
   m.def("gram_bf16_available", &gram_bf16_available, "Whether gram_bf16 runs here (AVX512_BF16 and AVX-512F/BW/VL/DQ).");
   m.def("finish", &finish, py::arg("v_ptr"), py::arg("n_ptr"), py::arg("d_ptr"), py::arg("y_ptr"), py::arg("b"),
         py::arg("M"), py::arg("D"), py::arg("Kp"), py::arg("beta"), py::arg("order_ptr"), py::arg("scores_ptr"),
