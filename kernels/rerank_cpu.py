@@ -336,57 +336,34 @@ def _certified_one(q1: torch.Tensor, Y1: torch.Tensor, Kp: int, beta: float, cap
 
 
 # Several queries on the certified path: split over threads, each running the C++ kernels single-
-# threaded on its own queries, rather than every query split over all threads. On the 2-core EPYC
-# VM (70 queries, M' = 400) the two ways tie when the VM is at its best (~130 ms), but it goes
-# through phases, minutes long, in which a write to a cache line that the other core has just read
-# costs ~10x more; the per-query split, which hands its operands, Gram and lists between cores
-# several times per query, then takes ~185 ms, and the query split, which shares nothing, still
-# ~135 ms. The worker threads persist, so that each keeps its scratch buffers (first use faults in
-# ~8 MB of pages).
-_pool_lock = threading.Lock()
-_pool = None  # (workers, concurrent.futures.ThreadPoolExecutor)
-
-
-def _workers(n: int):
-    import concurrent.futures
-    global _pool
-    with _pool_lock:
-        if _pool is None or _pool[0] != n:
-            if _pool is not None:
-                _pool[1].shutdown(wait=False)
-            _pool = (n, concurrent.futures.ThreadPoolExecutor(max_workers=n, thread_name_prefix="sgengine-rerank"))
-        return _pool[1]
-
-
+# threaded on its own queries (`_rerank_cpu.certified_batch`, one call for the batch), rather than
+# every query split over all threads. On the 2-core EPYC VM (70 queries, M' = 400) the two ways tie
+# when the VM is at its best (~130 ms), but it goes through phases, minutes long, in which writes
+# to cache lines that the other core has just read are slow; the per-query split, which hands its
+# operands, Gram and lists between cores several times per query, then took ~185 ms, and the query
+# split, which shares nothing, still ~130 ms.
 def _certified_batch(q, Y, Kp, beta, cap, threads, stats, bound_scale, order, scores) -> list[int]:
     """Every query through the C++ certified path (see above); returns the ones left for the exact
     path (a non-finite row), ascending."""
-    nq = Y.shape[0]
-
-    def run(lo: int, hi: int, kernel_threads: int, st: dict | None) -> list[int]:
-        left = []
-        for a in range(lo, hi):
-            if not _certified_one(q[a:a + 1], Y[a:a + 1], Kp, beta, cap, kernel_threads, st, bound_scale,
-                                  order[a:a + 1], scores[a:a + 1]):
-                left.append(a)
+    nq, M, D = Y.shape
+    if min(threads, nq) <= 1:
+        left = [a for a in range(nq) if not _certified_one(q[a:a + 1], Y[a:a + 1], Kp, beta, cap, threads, stats,
+                                                          bound_scale, order[a:a + 1], scores[a:a + 1])]
+        if stats is not None and left:
+            stats["exact_queries"] = stats.get("exact_queries", 0) + len(left)
         return left
-
-    parts = min(threads, nq)
-    if parts <= 1:
-        left = run(0, nq, threads, stats)
-    else:
-        edges = [nq * i // parts for i in range(parts + 1)]
-        st = [None if stats is None else {} for _ in range(parts)]
-        futs = [_workers(parts - 1).submit(run, edges[i], edges[i + 1], 1, st[i]) for i in range(1, parts)]
-        left = run(edges[0], edges[1], 1, st[0])
-        for f in futs:
-            left += f.result()
-        for d in st if stats is not None else ():
-            for k, x in d.items():
-                stats[k] = stats.get(k, 0) + x
-    if stats is not None and left:
-        stats["exact_queries"] = stats.get("exact_queries", 0) + len(left)
-    return sorted(left)
+    status = torch.empty(nq, dtype=torch.uint8)
+    rows, dots, dense = _native.certified_batch(
+        Y.data_ptr(), q.data_ptr(), nq, M, D, Kp, beta, _SAFETY, _OUT_REL * _SAFETY * bound_scale, bound_scale, cap,
+        order.data_ptr(), scores.data_ptr(), status.data_ptr(), threads, _ISA)
+    left = status.nonzero().flatten().tolist()
+    if stats is not None:
+        stats["rows"] = stats.get("rows", 0) + int(rows)
+        stats["exact_dots"] = stats.get("exact_dots", 0) + int(dots)
+        stats["dense_rows"] = stats.get("dense_rows", 0) + int(dense)
+        if left:
+            stats["exact_queries"] = stats.get("exact_queries", 0) + len(left)
+    return left
 
 
 @torch.no_grad()

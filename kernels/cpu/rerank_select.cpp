@@ -761,17 +761,24 @@ void finish_order(const FinishJob& jb, int64_t q, std::vector<std::pair<float, i
   }
 }
 
-void finish(uintptr_t v, uintptr_t n, uintptr_t d, uintptr_t y, int64_t b, int64_t M, int64_t D, int64_t Kp, double beta,
-            uintptr_t order, uintptr_t scores, int threads, const std::string& isa) {
-  if (b < 0 || M < 1 || D < 1 || Kp < 1 || Kp > M) throw py::value_error("finish: need M, D >= 1 and 1 <= K' <= M");
-  const Kernels kn = pick(isa);
-  std::vector<float> w(static_cast<size_t>(b * M * Kp)), wsum(static_cast<size_t>(b * M)),
-      s1(static_cast<size_t>(b * M)), qe(static_cast<size_t>(b * D)), e(static_cast<size_t>(b * M));
-  FinishJob jb{reinterpret_cast<const float*>(v), reinterpret_cast<const int64_t*>(n),
-               reinterpret_cast<const float*>(d), reinterpret_cast<const float*>(y), w.data(), wsum.data(), s1.data(),
-               qe.data(), e.data(), reinterpret_cast<int64_t*>(order), reinterpret_cast<float*>(scores),
+// Scratch of finish for b queries (kept by the batch path between queries).
+struct FinishScratch {
+  std::vector<float> w, wsum, s1, qe, e;
+  void size(int64_t b, int64_t M, int64_t D, int64_t Kp) {
+    w.resize(static_cast<size_t>(b * M * Kp));
+    wsum.resize(static_cast<size_t>(b * M));
+    s1.resize(static_cast<size_t>(b * M));
+    qe.resize(static_cast<size_t>(b * D));
+    e.resize(static_cast<size_t>(b * M));
+  }
+};
+
+void finish_impl(const float* v, const int64_t* n, const float* d, const float* y, int64_t b, int64_t M, int64_t D,
+                 int64_t Kp, double beta, int64_t* order, float* scores, int threads, const Kernels& kn,
+                 FinishScratch& fs) {
+  fs.size(b, M, D, Kp);
+  FinishJob jb{v, n, d, y, fs.w.data(), fs.wsum.data(), fs.s1.data(), fs.qe.data(), fs.e.data(), order, scores,
                static_cast<float>(beta), b, M, D, Kp};
-  py::gil_scoped_release release;
   run_threads<int>(b, threads, [&](int64_t s, int64_t t) {
     std::vector<std::pair<float, int32_t>> tmp;
     for (int64_t q = s; q < t; ++q) finish_expand(jb, q, tmp);
@@ -798,6 +805,19 @@ void finish(uintptr_t v, uintptr_t n, uintptr_t d, uintptr_t y, int64_t b, int64
   }, 1);
 }
 
+void finish(uintptr_t v, uintptr_t n, uintptr_t d, uintptr_t y, int64_t b, int64_t M, int64_t D, int64_t Kp, double beta,
+            uintptr_t order, uintptr_t scores, int threads, const std::string& isa) {
+  if (b < 0 || M < 1 || D < 1 || Kp < 1 || Kp > M) throw py::value_error("finish: need M, D >= 1 and 1 <= K' <= M");
+  const Kernels kn = pick(isa);
+  FinishScratch fs;
+  py::gil_scoped_release release;
+  finish_impl(reinterpret_cast<const float*>(v), reinterpret_cast<const int64_t*>(n), reinterpret_cast<const float*>(d),
+              reinterpret_cast<const float*>(y), b, M, D, Kp, beta, reinterpret_cast<int64_t*>(order),
+              reinterpret_cast<float*>(scores), threads, kn, fs);
+}
+
+
+int64_t prepare_impl(const PrepareJob& jb, const Kernels& kn, int threads);
 
 int64_t prepare_bf16(uintptr_t y, uintptr_t q, int64_t b, int64_t M, int64_t D, int64_t ld, int64_t Kp,
                      uintptr_t left, uintptr_t right, uintptr_t shift, uintptr_t d, uintptr_t base, uintptr_t norm_out,
@@ -810,6 +830,11 @@ int64_t prepare_bf16(uintptr_t y, uintptr_t q, int64_t b, int64_t M, int64_t D, 
                 reinterpret_cast<double*>(base), reinterpret_cast<double*>(norm_out), safety, b, M, D, ld, Kp};
   const Kernels kn = pick(isa);
   py::gil_scoped_release release;
+  return prepare_impl(jb, kn, threads);
+}
+
+int64_t prepare_impl(const PrepareJob& jb, const Kernels& kn, int threads) {
+  const int64_t b = jb.b, M = jb.M, D = jb.D, ld = jb.ld, Kp = jb.Kp;
   double* norm = jb.norm;
   std::vector<double> resid(static_cast<size_t>(b * M));
   int64_t bad = 0;
@@ -857,6 +882,11 @@ int64_t prepare_bf16(uintptr_t y, uintptr_t q, int64_t b, int64_t M, int64_t D, 
 // A = L R^T for b queries (see the gram_bf16 section): L, R [b, M, ld] bfloat16, A [b, M, M]
 // bfloat16. Work items are (query, column panel), largest first, taken from a shared counter, so
 // two threads split one query's triangle evenly; every entry has one writer.
+#if RS_BF16_KERNEL
+void gram_impl(const uint16_t* L, const uint16_t* right, uint16_t* A, int64_t b, int64_t M, int64_t ld, int threads,
+               int64_t D, const float* c);
+#endif
+
 void gram_bf16(uintptr_t left, uintptr_t right, uintptr_t out, int64_t b, int64_t M, int64_t ld, int threads,
                int64_t D, uintptr_t shift) {
   if (b < 0 || M < 1 || ld < 2 || ld % 2) throw py::value_error("gram_bf16: need M >= 1 and an even ld >= 2");
@@ -865,11 +895,17 @@ void gram_bf16(uintptr_t left, uintptr_t right, uintptr_t out, int64_t b, int64_
   if (!gram_bf16_available())
     throw std::runtime_error("gram_bf16: this CPU has no AVX512_BF16 (check gram_bf16_available() first)");
 #if RS_BF16_KERNEL
-  const uint16_t* L = reinterpret_cast<const uint16_t*>(left);
-  const uint16_t* R = right ? reinterpret_cast<const uint16_t*>(right) : L;
-  const float* c = reinterpret_cast<const float*>(shift);
-  uint16_t* A = reinterpret_cast<uint16_t*>(out);
   py::gil_scoped_release release;
+  gram_impl(reinterpret_cast<const uint16_t*>(left), reinterpret_cast<const uint16_t*>(right),
+            reinterpret_cast<uint16_t*>(out), b, M, ld, threads, D, reinterpret_cast<const float*>(shift));
+#endif
+}
+
+#if RS_BF16_KERNEL
+// right null: R is L with column D set to bf16(-c[q]).
+void gram_impl(const uint16_t* L, const uint16_t* right, uint16_t* A, int64_t b, int64_t M, int64_t ld, int threads,
+               int64_t D, const float* c) {
+  const uint16_t* R = right ? right : L;
   const int64_t panels = (M + kGramNR - 1) / kGramNR, n = b * panels;
   std::atomic<int64_t> next{0};
   run_threads<int>(std::min<int64_t>(threads, n), threads, [&](int64_t, int64_t) {
@@ -885,6 +921,8 @@ void gram_bf16(uintptr_t left, uintptr_t right, uintptr_t out, int64_t b, int64_
 #endif
 }
 
+std::pair<int64_t, int64_t> select_impl(const SelectJob& jb, const Kernels& kn, int threads, QueryScratch& qs);
+
 py::tuple certified_topk(uintptr_t a, uintptr_t y, int64_t b, int64_t M, int64_t D, int64_t Kp, uintptr_t shift,
                          uintptr_t base, uintptr_t norm, double out_rel, int64_t cap, uintptr_t v, uintptr_t n,
                          int threads, const std::string& isa) {
@@ -897,14 +935,22 @@ py::tuple certified_topk(uintptr_t a, uintptr_t y, int64_t b, int64_t M, int64_t
                reinterpret_cast<const double*>(norm), out_rel, reinterpret_cast<float*>(v),
                reinterpret_cast<int64_t*>(n), b, M, D, Kp, cap};
   const Kernels kn = pick(isa);
-  int64_t dots = 0, dense = 0;
+  std::pair<int64_t, int64_t> dd;
   {
     py::gil_scoped_release release;
     // Kept between calls (per calling thread): the per-row vectors keep their capacity, so a call
-    // allocates nothing once warm (fresh vectors cost ~0.15 ms per call at M' = 400). A plain
-    // reference, so that the worker threads' lambdas capture the caller's instance.
+    // allocates nothing once warm (fresh vectors cost ~0.15 ms per call at M' = 400).
     static thread_local QueryScratch tls;
-    QueryScratch& qs = tls;
+    dd = select_impl(jb, kn, threads, tls);
+  }
+  return py::make_tuple(dd.first, dd.second);
+}
+
+// certified_topk's work for jb's b queries; returns (exact dots, dense rows).
+std::pair<int64_t, int64_t> select_impl(const SelectJob& jb, const Kernels& kn, int threads, QueryScratch& qs) {
+  const int64_t b = jb.b, M = jb.M;
+  int64_t dots = 0, dense = 0;
+  {
     qs.cand.resize(static_cast<size_t>(M));
     qs.val.resize(static_cast<size_t>(M));
     qs.dense.resize(static_cast<size_t>(M));
@@ -940,7 +986,75 @@ py::tuple certified_topk(uintptr_t a, uintptr_t y, int64_t b, int64_t M, int64_t
       for (uint8_t x : qs.dense) dense += x;
     }
   }
-  return py::make_tuple(dots, dense);
+  return {dots, dense};
+}
+
+// The certified path for nq >= 2 queries, all in C++ and in one call: per query, the operand pass
+// (no R), the triangle Gram, the certified selection and finish, each single-threaded, the queries
+// spread over the threads from a shared counter (a query stays on one core: see
+// kernels/rerank_cpu.py on this VM's slow phases). Per-thread scratch persists between calls.
+// status[q] = 1 for a query with a row that is not finite or too large (nothing is written for it:
+// the caller runs the exact path), else 0. Returns (rows, exact dots, dense rows) of the others.
+py::tuple certified_batch(uintptr_t y, uintptr_t q, int64_t nq, int64_t M, int64_t D, int64_t Kp, double beta,
+                          double safety, double out_rel, double bound_scale, int64_t cap, uintptr_t order,
+                          uintptr_t scores, uintptr_t status, int threads, const std::string& isa) {
+  if (nq < 0 || M < 1 || D < 1 || Kp < 1 || Kp > M)
+    throw py::value_error("certified_batch: need M, D >= 1 and 1 <= K' <= M");
+  if (!(out_rel >= 0.0 && out_rel < 0.5)) throw py::value_error("certified_batch: out_rel must be in [0, 0.5)");
+  if (M > INT32_MAX) throw py::value_error("certified_batch: M must fit in int32");
+  if (!gram_bf16_available())
+    throw std::runtime_error("certified_batch: this CPU has no AVX512_BF16 (check gram_bf16_available() first)");
+#if RS_BF16_KERNEL
+  const Kernels kn = pick(isa);
+  const int64_t ld = (D + 1 + 15) / 16 * 16;
+  const float* Y = reinterpret_cast<const float*>(y);
+  const float* Q = reinterpret_cast<const float*>(q);
+  int64_t* ord = reinterpret_cast<int64_t*>(order);
+  float* sco = reinterpret_cast<float*>(scores);
+  uint8_t* st = reinterpret_cast<uint8_t*>(status);
+  std::atomic<int64_t> next{0}, rows{0}, dots{0}, dense{0};
+  {
+    py::gil_scoped_release release;  // until the tuple below, which needs the GIL back
+    run_threads<int>(std::min<int64_t>(threads, nq), threads, [&](int64_t, int64_t) {
+      static thread_local std::vector<uint16_t> L, A;
+      static thread_local std::vector<double> base, norm;
+      static thread_local std::vector<float> v, d;
+      static thread_local std::vector<int64_t> n;
+      static thread_local QueryScratch qs;
+      static thread_local FinishScratch fs;
+      L.resize(static_cast<size_t>(M * ld));
+      A.resize(static_cast<size_t>(M * M));
+      base.resize(static_cast<size_t>(M));
+      norm.resize(static_cast<size_t>(M));
+      d.resize(static_cast<size_t>(M));
+      v.resize(static_cast<size_t>(M * Kp));
+      n.resize(static_cast<size_t>(M * Kp));
+      for (int64_t k = next.fetch_add(1); k < nq; k = next.fetch_add(1)) {
+        const float* yk = Y + k * M * D;
+        float c = 0.0f;
+        const PrepareJob pj{yk, Q + k * D, L.data(), nullptr, &c, d.data(), base.data(), norm.data(), safety, 1, M, D, ld, Kp};
+        if (prepare_impl(pj, kn, 1)) {
+          st[k] = 1;
+          continue;
+        }
+        if (bound_scale != 1.0)
+          for (double& x : base) x *= bound_scale;
+        gram_impl(L.data(), nullptr, A.data(), 1, M, ld, 1, D, &c);
+        const SelectJob sj{A.data(), yk, &c, base.data(), norm.data(), out_rel, v.data(), n.data(), 1, M, D, Kp, cap};
+        const std::pair<int64_t, int64_t> dd = select_impl(sj, kn, 1, qs);
+        finish_impl(v.data(), n.data(), d.data(), yk, 1, M, D, Kp, beta, ord + k * M, sco + k * M, 1, kn, fs);
+        st[k] = 0;
+        rows += M;
+        dots += dd.first;
+        dense += dd.second;
+      }
+      return 0;
+    }, 1);
+  }
+  return py::make_tuple(rows.load(), dots.load(), dense.load());
+#else
+  return py::make_tuple(0, 0, 0);
+#endif
 }
 
 }  // namespace
@@ -970,6 +1084,13 @@ PYBIND11_MODULE(_rerank_cpu, m) {
         py::arg("threads") = 1, py::arg("isa") = "auto",
         "SPEC 6.4-6.8 from the neighbours (v, n [b, M, Kp]), d = Y q [b, M] and Y [b, M, D] float32:\n"
         "order [b, M] int64 and scores [b, M] float32, descending.");
+  m.def("certified_batch", &certified_batch, py::arg("y_ptr"), py::arg("q_ptr"), py::arg("nq"), py::arg("M"),
+        py::arg("D"), py::arg("Kp"), py::arg("beta"), py::arg("safety"), py::arg("out_rel"), py::arg("bound_scale"),
+        py::arg("cap"), py::arg("order_ptr"), py::arg("scores_ptr"), py::arg("status_ptr"), py::arg("threads") = 1,
+        py::arg("isa") = "auto",
+        "The certified rerank of nq queries in one call (Y [nq, M, D], q [nq, D] float32 -> order [nq, M] int64,\n"
+        "scores [nq, M] float32), a query per thread at a time; status [nq] uint8 = 1 where a row is not finite\n"
+        "(nothing written). Returns (rows, exact dots, dense rows).");
   m.def("isas", &supported_isas, "Instruction sets this CPU runs, best first ('auto' picks the first).");
   m.def("bf16_hardware", &bf16_hardware, "Whether the CPU has bfloat16 dot-product instructions (AVX512_BF16 or AMX).");
 #ifdef _OPENMP
