@@ -349,20 +349,16 @@ def _certified_batch(q, Y, Kp, beta, cap, threads, stats, bound_scale, order, sc
     if min(threads, nq) <= 1:
         left = [a for a in range(nq) if not _certified_one(q[a:a + 1], Y[a:a + 1], Kp, beta, cap, threads, stats,
                                                           bound_scale, order[a:a + 1], scores[a:a + 1])]
-        if stats is not None and left:
-            stats["exact_queries"] = stats.get("exact_queries", 0) + len(left)
-        return left
-    status = torch.empty(nq, dtype=torch.uint8)
-    rows, dots, dense = _native.certified_batch(
-        Y.data_ptr(), q.data_ptr(), nq, M, D, Kp, beta, _SAFETY, _OUT_REL * _SAFETY * bound_scale, bound_scale, cap,
-        order.data_ptr(), scores.data_ptr(), status.data_ptr(), threads, _ISA)
-    left = status.nonzero().flatten().tolist()
-    if stats is not None:
-        stats["rows"] = stats.get("rows", 0) + int(rows)
-        stats["exact_dots"] = stats.get("exact_dots", 0) + int(dots)
-        stats["dense_rows"] = stats.get("dense_rows", 0) + int(dense)
-        if left:
-            stats["exact_queries"] = stats.get("exact_queries", 0) + len(left)
+    else:
+        status = torch.empty(nq, dtype=torch.uint8)
+        counts = _native.certified_batch(
+            Y.data_ptr(), q.data_ptr(), nq, M, D, Kp, beta, _SAFETY, _OUT_REL * _SAFETY * bound_scale, bound_scale,
+            cap, order.data_ptr(), scores.data_ptr(), status.data_ptr(), threads, _ISA)
+        left = status.nonzero().flatten().tolist()
+        for k, x in zip(("rows", "exact_dots", "dense_rows"), counts) if stats is not None else ():
+            stats[k] = stats.get(k, 0) + int(x)
+    if stats is not None and left:
+        stats["exact_queries"] = stats.get("exact_queries", 0) + len(left)
     return left
 
 
@@ -408,10 +404,7 @@ def rerank_candidates_cpu(q: torch.Tensor, Y: torch.Tensor, K: int = 9, beta: fl
     if certified:
         blocks = _cert_blocks(gram, M)
         ld = (D + 1 + 15) // 16 * 16
-        # With the C++ Gram, one query at a time (_certified_batch): its working set (operands,
-        # Gram, rows) then stays in cache, and there is little per-step Python left to amortize
-        # (70 queries at M' = 400: 133 ms against 152 ms in chunks of 9; 2-core EPYC VM).
-        step = max(1, _CERT_CHUNK_BYTES // (2 * M * (M + 2 * ld)))
+        step = max(1, _CERT_CHUNK_BYTES // (2 * M * (M + 2 * ld)))  # torch Gram only: see _certified_batch
         cap = max(Kp, int(M * _CAP_FRACTION) if cap is None else int(cap))
         threads = torch.get_num_threads()
     else:
@@ -419,7 +412,9 @@ def rerank_candidates_cpu(q: torch.Tensor, Y: torch.Tensor, K: int = 9, beta: fl
         G_buf = _scratch("G", (min(step, nq), M, M), Y.dtype, Y.device)
     todo = range(0, nq, step)
     if certified and blocks == _NATIVE_GRAM:
-        # All in C++, a query at a time; what is left are the queries with a non-finite row.
+        # All in C++, a query at a time: its working set (operands, Gram, rows) stays in cache
+        # (70 queries at M' = 400: 133 ms against 152 ms in chunks of 9; 2-core EPYC VM). What is
+        # left are the queries with a non-finite row.
         todo, step = _certified_batch(q, Y, Kp, beta, cap, threads, stats, bound_scale, order, scores), 1
     for a in todo:
         qb, Yb = q[a:a + step], Y[a:a + step]

@@ -277,6 +277,7 @@ RS_TARGET_AVX512 void dots_avx512(const float* __restrict a, const float* const*
 constexpr int kGramMR = 12;
 constexpr int kGramNZ = 2;
 constexpr int kGramNR = 16 * kGramNZ;
+static_assert(kGramNZ == 2, "gram_panel dispatches panels of 2 zmm columns (or a 1-zmm tail) only");
 
 #if RS_BF16_KERNEL
 #define RS_TARGET_BF16 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx512bf16,avx2,fma")))
@@ -364,8 +365,6 @@ RS_TARGET_BF16 void gram_panel(const uint16_t* L, const uint16_t* R, uint16_t* A
   const int64_t end = j0 + w;
   for (int64_t i0 = 0; i0 < end; i0 += kGramMR) {
     const int rows = static_cast<int>(std::min<int64_t>(kGramMR, end - i0));
-    if constexpr (kGramNZ >= 4) { if (nz == 4) { gram_rows<kGramMR, 4>(L, ld, i0, rows, pk.data(), j0, w, A, M); continue; } }
-    if constexpr (kGramNZ >= 3) { if (nz == 3) { gram_rows<kGramMR, 3>(L, ld, i0, rows, pk.data(), j0, w, A, M); continue; } }
     if (nz == 2) gram_rows<kGramMR, 2>(L, ld, i0, rows, pk.data(), j0, w, A, M);
     else gram_rows<kGramMR, 1>(L, ld, i0, rows, pk.data(), j0, w, A, M);
   }
