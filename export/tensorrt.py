@@ -1,7 +1,7 @@
 """TensorRT plans from backbone.onnx, with TensorRT's own Python API (import-guarded).
 
 A plan is specific to a GPU model and a TensorRT version, so its file name and its manifest entry
-carry both; the runtime (sgengine.backends.tensorrt_backend) only runs a plan whose GPU and
+carry both; the runtime (sgengine.backbone.tensorrt_backend) only runs a plan whose GPU and
 TensorRT version match. Written for TensorRT 8.6 to 11: EXPLICIT_BATCH is passed only where it
 still means something, and BuilderFlag.FP16 (removed in 11, where networks are strongly typed)
 is only set where it exists.
@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Callable, Sequence
 
-from sgengine.backends.plan_cache import gpu_slug  # one slug for export-time and cached plans
+from sgengine.backbone.plan_cache import gpu_slug  # one slug for export-time and cached plans
 
 MAX_BATCH = 8
 OPT_SIDE = 1024  # revisited Oxford/Paris images are ~1024 px on the long side
@@ -104,7 +104,7 @@ def build_plan(onnx_path: str | Path, out_dir: str | Path, *, min_side: int, max
     """Build and write a serialized plan for the current GPU at export. Returns its manifest entry.
 
     fp32 by default (fidelity mode); fp16=True is opt-in. The runtime's own cache
-    (sgengine.backends.plan_cache) builds plans on demand at Engine.load; this is the export-time
+    (sgengine.backbone.plan_cache) builds plans on demand at Engine.load; this is the export-time
     variant, recorded in the bundle manifest.
     """
     shapes = profile_shapes(min_side, max_side, scales, max_batch)

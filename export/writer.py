@@ -155,7 +155,7 @@ def export_bundle(model, out_dir: str | os.PathLike, *, opset: int | None = None
 
     parity: dict = {"checked": False}
     if check:
-        from sgengine.backends.onnxruntime_backend import OnnxRuntimeBackbone
+        from sgengine.backbone.onnxruntime_backend import OnnxRuntimeBackbone
         t0 = time.perf_counter()
         progress(f"[3/{steps}] parity: ONNX Runtime (CPU) vs PyTorch, full pipeline "
                  f"({len(scales)} scales, head, Scale-GeM) on real photos")

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from .backends import load_backbone
+from .backbone import load_backbone
 from .bundle import Bundle
 from .cublas import ieee_if_cuda
 from .errors import BackendUnavailableError, BundleError, IndexMismatchError, InputError
@@ -190,7 +190,7 @@ class Engine:
         """Verify the bundle, create the backbone session once, open the index (same bundle only).
 
         device: "cpu" or "cuda[:N]"; backend: "auto", "onnxruntime", "torch" or "tensorrt" (see
-        sgengine.backends). precision: "fp32" (the fidelity mode, SPEC.md), or opt-in "fp16" /
+        sgengine.backbone). precision: "fp32" (the fidelity mode, SPEC.md), or opt-in "fp16" /
         "bf16" for the backbone (the pooling head always accumulates in fp32). head_impl /
         rerank_impl: "auto", "triton", "cpu" or "reference". max_side: long-side cap for decoded
         images (default: the bundle's, 2048). cuda_graphs: replay CUDA graphs of the torch

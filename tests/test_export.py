@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sgengine.backends import load_backbone
+from sgengine.backbone import load_backbone
 from sgengine.bundle import MANIFEST, Bundle
 from sgengine.errors import BundleError
 from sgengine.export import main

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from sgengine import Engine, Index
-from sgengine.backends import load_backbone
-from sgengine.backends import plan_cache as pc
+from sgengine.backbone import load_backbone
+from sgengine.backbone import plan_cache as pc
 from sgengine.bundle import Bundle
 from sgengine.compare import assert_rankings_agree
 from sgengine.errors import BackendUnavailableError, InputError
@@ -81,7 +81,7 @@ def test_plan_cache_location(default_bundle, tmp_path):
 
 
 def test_plan_decision_for_a_real_bundle(default_bundle, tmp_path):
-    """The TensorRT backend's choice (sgengine.backends.plan_cache.decide) on a real bundle: build
+    """The TensorRT backend's choice (sgengine.backbone.plan_cache.decide) on a real bundle: build
     when nothing is cached, run a valid cached plan, refuse or rebuild a stale one."""
     b = Bundle.load(default_bundle)
     gpu, ver = "NVIDIA H100 80GB HBM3", "10.9.0"
@@ -121,7 +121,7 @@ def test_tensorrt_and_cuda_requests_fail_with_reasons(default_bundle):
 def test_onnxruntime_cuda_provider_options():
     """ORT reads user_compute_stream=0 (torch's default stream) as "none given" and then computes on a
     stream of its own that does not wait for torch's kernels: the options must carry a real stream."""
-    from sgengine.backends.onnxruntime_backend import cuda_provider_options
+    from sgengine.backbone.onnxruntime_backend import cuda_provider_options
     o = cuda_provider_options(1, 0x7F00DEAD)
     assert o == {"device_id": "1", "cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "0",
                  "do_copy_in_default_stream": "1", "user_compute_stream": str(0x7F00DEAD)}
@@ -174,7 +174,7 @@ def test_cuda_fp32_conv_context_turns_tf32_off_whatever_the_flags(prior):
     """The torch backbone's CUDA fp32 context (runs without a GPU: it only sets process flags). torch's
     own cudnn.flags(allow_tf32=False) raised on torch >= 2.9 after a new-API setting, and left TF32 on
     under torch.backends.fp32_precision = "tf32". Named "cuda" so gpu_check runs it on that torch too."""
-    from sgengine.backends.torch_backend import conv_tf32_enabled, cudnn_ieee_conv
+    from sgengine.backbone.torch_backend import conv_tf32_enabled, cudnn_ieee_conv
     cudnn = torch.backends.cudnn
     if not hasattr(getattr(cudnn, "conv", None), "fp32_precision"):
         pytest.skip(f"torch {torch.__version__} has no per-op fp32_precision")

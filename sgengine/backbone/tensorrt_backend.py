@@ -3,7 +3,7 @@
 Where the plan comes from, first match wins:
 1. a plan recorded in the bundle manifest at export (`sgengine export --tensorrt`) for this GPU,
    TensorRT version and precision;
-2. the plan cache beside the bundle (sgengine.backends.plan_cache), checked against the bundle
+2. the plan cache beside the bundle (sgengine.backbone.plan_cache), checked against the bundle
    fingerprint, backbone.onnx's hash, GPU, TensorRT version, precision and input profile;
 3. a new plan built now from backbone.onnx (minutes, with progress) and stored in the cache,
    unless build_plan=False, in which case a missing or stale plan is an error saying why.

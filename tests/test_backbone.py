@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from sgengine.backends import load_backbone
+from sgengine.backbone import load_backbone
 from sgengine.errors import BackendUnavailableError, InputError
 from sgengine.export import export_bundle
 from sgengine.model.factory import load_checkpoint
