@@ -9,8 +9,8 @@ K = 9, beta = 0.15, with torch.cuda.synchronize() inside each timed call.
 
 impls:
 - chain: `sgengine.rerank.rerank_loop_chain` in float32, one query at a time, full sorts;
-- reference: `sgengine.rerank.rerank_candidates_reference` (batched plain PyTorch);
-- triton: `rerank_candidates_triton`, fp32 fidelity mode (cuBLAS IEEE Gram);
+- reference: `sgengine.rerank.rerank_reference` (batched plain PyTorch);
+- triton: `sgengine.kernels.rerank_triton.rerank_triton`, fp32 fidelity mode (cuBLAS IEEE Gram);
 - triton_graph: the same replayed from a CUDA graph (sgengine.cuda_graphs, as the engine runs it
   on CUDA): one launch instead of ~8, which is what batch 1 is bound by;
 - triton_tgram: same, with the symmetric Triton Gram kernel (IEEE fp32);
@@ -62,25 +62,33 @@ def _ieee_bmm(Y: torch.Tensor) -> torch.Tensor:
 
 
 def _impl(name: str):
-    from sgengine.kernels.rerank_triton import rerank_candidates_triton
-    from sgengine.rerank import rerank_candidates_reference, rerank_loop_chain
+    from sgengine.kernels import rerank_triton as kernel
+    from sgengine.kernels.rerank_triton import rerank_triton
+    from sgengine.rerank import rerank_loop_chain, rerank_reference
 
     variants = {
-        "triton": dict(precision="fp32"),
-        "triton_tgram": dict(precision="fp32", gram="triton"),
-        "triton_tf32": dict(precision="tf32"),
-        "triton_fp16": dict(precision="fp16"),
-        "triton_bf16": dict(precision="bf16"),
+        "triton": "fp32",
+        "triton_tf32": "tf32",
+        "triton_fp16": "fp16",
+        "triton_bf16": "bf16",
     }
     if name == "chain":
         return lambda q, Y: rerank_loop_chain(q, Y, K, BETA, dtype=torch.float32)
     if name == "reference":
-        return lambda q, Y: rerank_candidates_reference(q, Y, K, BETA)
+        return lambda q, Y: rerank_reference(q, Y, K, BETA)
     if name == "gram_bmm":
         return lambda q, Y: _ieee_bmm(Y)
+    if name == "triton_tgram":  # the Triton Gram kernel in fp32 (GRAM pinned for this call only)
+        def tgram(q, Y):
+            saved, kernel.GRAM = kernel.GRAM, "triton"
+            try:
+                return rerank_triton(q, Y, K, BETA, "fp32")
+            finally:
+                kernel.GRAM = saved
+        return tgram
     if name == "triton_graph":
         from sgengine.cuda_graphs import CudaGraphCache
-        graphs = CudaGraphCache(lambda q, Y, static=None: rerank_candidates_triton(q, Y, K, BETA), "cuda",
+        graphs = CudaGraphCache(lambda q, Y, static=None: rerank_triton(q, Y, K, BETA), "cuda",
                                 capture_after=1)
 
         def replay(q, Y):
@@ -89,8 +97,8 @@ def _impl(name: str):
                 raise RuntimeError(f"CUDA graph capture failed: {graphs.failures}")
             return out
         return replay
-    kw = variants[name]
-    return lambda q, Y: rerank_candidates_triton(q, Y, K, BETA, **kw)
+    precision = variants[name]
+    return lambda q, Y: rerank_triton(q, Y, K, BETA, precision)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

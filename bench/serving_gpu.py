@@ -93,7 +93,7 @@ def time_mode(engine, query: Path, seconds: float, k: int, M: int) -> dict:
     for s in sorted({s for c in per_call for s in c if s.startswith("backbone@")}):
         stages[s] = statistics.median(c.get(s, 0.0) for c in per_call)
     return {"rounds": len(walls), "total_ms": statistics.median(walls), "p90_ms": float(np.percentile(walls, 90)),
-            "stages_ms": stages, "ids": list(r.ids)}
+            "stages_ms": stages, "ids": list(r.ids[0])}
 
 
 def synthetic_index(path: Path, bundle, n: int, device: str, chunk: int = 1 << 17):

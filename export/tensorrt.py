@@ -112,11 +112,12 @@ def build_plan(onnx_path: str | Path, out_dir: str | Path, *, min_side: int, max
                                        workspace_gib=workspace_gib, input_name=input_name, progress=progress)
     import tensorrt as trt  # importable: build_serialized checked
     import torch
+
+    from sgengine._io import write_bytes_atomic
     gpu = torch.cuda.get_device_name()
     name = plan_filename(gpu, trt.__version__, precision == "fp16")
     path = Path(out_dir) / name
-    with open(path, "wb") as f:
-        f.write(data)
+    write_bytes_atomic(path, bytes(data))
     progress(f"  wrote {name} ({path.stat().st_size / 1e6:.1f} MB)")
     return {"file": name, "gpu": gpu, "tensorrt": trt.__version__, "precision": precision,
             "profile": {input_name: shapes}}

@@ -14,9 +14,9 @@ from typing import Callable
 import torch
 
 import sgengine
+from sgengine._io import sha256_file, write_json_atomic
 from sgengine.bundle import (FORMAT, FORMAT_VERSION, HEAD_FILE, MANIFEST, ONNX_FILE, RERANK_DEFAULTS,
-                             STATE_DICT_FAMILIES, TRUNK_SCRIPT_FILE, TRUNK_STATE_FILE, Bundle, compute_fingerprint,
-                             sha256_file, write_json_atomic)
+                             STATE_DICT_FAMILIES, TRUNK_SCRIPT_FILE, TRUNK_STATE_FILE, Bundle, compute_fingerprint)
 from sgengine.errors import ParityError
 from sgengine.preprocess import DEFAULT_MAX_SIDE, Normalization, min_input_side
 

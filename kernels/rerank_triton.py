@@ -1,6 +1,6 @@
 """Fused SuperGlobal rerank on the GPU (SPEC 6 steps 2-8), Triton.
 
-Same contract as `sgengine.rerank.rerank_candidates_reference`, which is the line-by-line
+Same contract as `sgengine.rerank.rerank_reference`, which is the line-by-line
 reference; this file only rearranges its arithmetic. Per query, with W_i = sum_j w_ij:
 
     Y'_i = sum_j w_ij Y[n_ij] / W_i
@@ -28,7 +28,6 @@ a row are taken by K' masked max passes over the row held in registers).
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -36,9 +35,9 @@ import triton
 import triton.language as tl
 
 from ..cublas import cublas_fp32 as _cublas_fp32
-from ..errors import BackendUnavailableError, InputError
+from ..errors import InputError
 
-__all__ = ["rerank_candidates_triton", "PRECISIONS", "GRAMS"]
+__all__ = ["rerank_triton", "interpreting", "PRECISIONS", "GRAMS", "MAX_CANDIDATES"]
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 GRAMS = ("auto", "bmm", "triton")
@@ -193,7 +192,8 @@ def _rerank_final_kernel(S1, BV, NBR, W, WSUM, F, M,
 
 
 # ----------------------------------------------------------------------------- settings
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Whether the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -208,7 +208,7 @@ def _launch_settings(M: int, D: int, Kp: int, precision: str) -> dict:
     ex_d = max(32, min(256, 4096 // kp_pad, triton.next_power_of_2(D)))
     # Gram tiles: 64 fits small M' without idle lanes; 128 for the tensor-core precisions at
     # large M'. IEEE fp32 dots are FMA loops, which prefer the smaller tile.
-    if _interpreting():
+    if interpreting():
         gram = dict(BLOCK=16, BLOCK_D=16, num_warps=4, num_stages=1)
     elif precision in ("fp16", "bf16", "tf32") and M > 256:
         gram = dict(BLOCK=128, BLOCK_D=32, num_warps=8, num_stages=3)
@@ -239,44 +239,14 @@ def _gram(Y: torch.Tensor, precision: str, gram: str, cfg: dict) -> torch.Tensor
 
 
 # ----------------------------------------------------------------------------- entry point
-def _check(q, Y, K, beta, precision, gram) -> tuple[int, float]:
-    if not isinstance(q, torch.Tensor) or not isinstance(Y, torch.Tensor):
-        bad = "q" if not isinstance(q, torch.Tensor) else "Y"
-        raise InputError(f"{bad} must be a torch.Tensor, got {type(q if bad == 'q' else Y).__name__}")
-    if Y.ndim != 3 or q.ndim != 2 or q.shape[0] != Y.shape[0] or q.shape[1] != Y.shape[2]:
-        raise InputError(f"q has shape {list(q.shape)} and Y {list(Y.shape)}: expected q [nq, D], Y [nq, M', D]")
-    if q.dtype != torch.float32 or Y.dtype != torch.float32:
-        raise InputError(f"q and Y must be float32 (got {q.dtype} and {Y.dtype}); `precision` picks "
-                         f"the Gram's arithmetic")
-    if q.device != Y.device:
-        raise InputError(f"q is on {q.device} but Y on {Y.device}: put both on one CUDA device")
-    if Y.device.type != "cuda" and not _interpreting():
-        raise BackendUnavailableError(f"Y is on {Y.device}: the Triton rerank runs on CUDA tensors "
-                                      f"(or on CPU under TRITON_INTERPRET=1, for tests)")
-    if Y.shape[1] > MAX_CANDIDATES:
-        raise InputError(f"Y has M'={Y.shape[1]} candidates; the Triton rerank takes at most "
-                         f"{MAX_CANDIDATES} (rerank fewer, or use impl='reference')")
-    if isinstance(K, bool) or not isinstance(K, int) or K < 0:
-        raise InputError(f"K must be an integer >= 0, got {K!r}")
-    try:
-        beta = float(beta)
-    except (TypeError, ValueError):
-        raise InputError(f"beta must be a real number, got {beta!r}") from None
-    if not math.isfinite(beta):
-        raise InputError(f"beta must be finite, got {beta!r}")
-    if precision not in PRECISIONS:
-        raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if gram not in GRAMS:
-        raise InputError(f"gram must be one of {GRAMS}, got {gram!r}")
-    if gram == "bmm" and precision in ("fp16", "bf16"):
-        raise InputError(f"gram='bmm' computes fp32/tf32 only; precision={precision!r} needs gram='triton'")
-    return K, beta
+# Which Gram the launcher uses: "auto" (cuBLAS bmm for fp32/tf32, the Triton kernel for fp16/bf16),
+# "bmm" or "triton". Tests pin it to run the Triton Gram in fp32 as well.
+GRAM = "auto"
 
 
 @torch.no_grad()
-def rerank_candidates_triton(q: torch.Tensor, Y: torch.Tensor, K: int = 9, beta: float = 0.15,
-                             precision: str = "fp32", *, gram: str = "auto"
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
+def rerank_triton(q: torch.Tensor, Y: torch.Tensor, K: int = 9, beta: float = 0.15, precision: str = "fp32"
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """SuperGlobal rerank of given candidates on the GPU (SPEC 6 steps 2-8).
 
     q: [nq, D] float32; Y: [nq, M', D] float32, each query's candidates in first-stage order,
@@ -284,14 +254,20 @@ def rerank_candidates_triton(q: torch.Tensor, Y: torch.Tensor, K: int = 9, beta:
     precision: arithmetic of the Gram only. "fp32" (default, the fidelity mode: IEEE products,
     TF32 off whatever the process flags say), or opt-in "tf32", "fp16", "bf16" (inputs rounded,
     float32 accumulation and float32 G). Everything after the Gram is float32.
-    gram: "bmm" (cuBLAS, fp32/tf32), "triton" (`_rerank_gram_kernel`, half the FLOPs via
-    symmetry), "auto" (bmm for fp32/tf32, triton for fp16/bf16).
+    The Gram is cuBLAS bmm for fp32/tf32 and `_rerank_gram_kernel` (half the FLOPs via symmetry)
+    for fp16/bf16 (module constant GRAM overrides it).
     Returns (order [nq, M'] int64 into Y's candidate axis, best first; scores [nq, M'] float32,
     the final f in that order). Among equal f, lower candidate index first (stable sort).
     Does not check for NaN/inf (that would cost a device sync); a non-finite candidate makes
     its own score non-finite, which `sgengine.rerank.rerank_candidates` checks.
+    Trusts q, Y, K and beta (`sgengine.rerank.rerank_candidates` checks them, and that M' <=
+    MAX_CANDIDATES); checks only `precision`, which no stage entry passes.
     """
-    K, beta = _check(q, Y, K, beta, precision, gram)
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    gram = GRAM
+    if gram == "bmm" and precision in ("fp16", "bf16"):
+        raise InputError(f"GRAM='bmm' computes fp32/tf32 only; precision={precision!r} needs the Triton Gram")
     nq, M, D = Y.shape
     dev = Y.device
     if nq == 0 or M == 0:
@@ -299,8 +275,8 @@ def rerank_candidates_triton(q: torch.Tensor, Y: torch.Tensor, K: int = 9, beta:
                 torch.empty(nq, M, dtype=torch.float32, device=dev))
     if gram == "auto":
         # Measured on an H200 (nq=70, M'=400, D=2048, whole rerank): fp32 with the cuBLAS Gram
-        # 1.93 ms vs 2.86 ms with the Triton IEEE Gram (FMA loops, symmetry or not); the Triton
-        # fp16/bf16 Gram 0.70 ms, level with cuBLAS tf32 at 0.74 ms.
+        # 1.93 ms vs 2.86 ms with the Triton IEEE Gram; the Triton fp16/bf16 Gram 0.70 ms, level
+        # with cuBLAS tf32 at 0.74 ms.
         gram = "bmm" if precision in ("fp32", "tf32") else "triton"
     q = q.contiguous()
     Y = Y.contiguous()

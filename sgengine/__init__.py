@@ -9,7 +9,7 @@ from .engine import Engine, SearchResult  # noqa: E402
 from .errors import (BackendUnavailableError, BundleError, CheckpointError, ImageDecodeError,  # noqa: E402
                      IndexMismatchError, InputError, ParityError, SgengineError)
 from .index import Index  # noqa: E402
-from .ops import gem_pool  # noqa: E402
+from .head import gem_pool  # noqa: E402
 from .rerank import superglobal_rerank  # noqa: E402
 
 __all__ = [

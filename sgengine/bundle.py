@@ -19,12 +19,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from ._io import sha256_file
 from .errors import BundleError
 from .model.head import HeadConfig, SuperGlobalHead
 from .preprocess import Normalization
@@ -43,14 +42,6 @@ STATE_DICT_FAMILIES = ("resnet", "efficientnet-lite0")
 RERANK_DEFAULTS = {"M": 400, "K": 9, "beta": 0.15}
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def is_derived_file(name: str) -> bool:
     """Files that are caches of another file (TensorRT plans): hashed, not part of the identity."""
     return name.endswith(".plan")
@@ -61,29 +52,6 @@ def compute_fingerprint(manifest: dict) -> str:
     files = sorted((name, entry["sha256"]) for name, entry in manifest["files"].items() if not is_derived_file(name))
     ident = {"files": files, "model": manifest["model"], "head": manifest["head"], "preprocess": manifest["preprocess"]}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, then os.replace: readers see old or new, never half."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """`data` as indented JSON, written atomically (write_bytes_atomic)."""
-    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
 
 
 _REQUIRED = ("format", "format_version", "model", "head", "preprocess", "files", "fingerprint")

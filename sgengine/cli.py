@@ -53,9 +53,7 @@ def _cmd_search(a) -> int:
     res = engine.search(queries if len(queries) > 1 else queries[0], k=a.k, rerank=not a.no_rerank,
                         M=a.M, K=a.K, beta=a.beta)
     if a.json:
-        ids = res.ids if len(queries) > 1 else [res.ids]
-        scores = res.scores.reshape(len(queries), -1)
-        out = {"queries": [{"query": q, "results": [{"id": i, "score": float(s)} for i, s in zip(ids[n], scores[n])]}
+        out = {"queries": [{"query": q, "results": [{"id": i, "score": float(s)} for i, s in zip(res.ids[n], res.scores[n])]}
                            for n, q in enumerate(queries)],
                "timings_ms": {k_: round(v, 3) for k_, v in res.timings.items()}, "notes": res.notes}
         print(json.dumps(out, indent=2))

@@ -22,28 +22,36 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from . import head as head_stage
+from . import rerank as rerank_stage
+from . import search as search_stage
+from ._checks import check_finite, check_int, check_real, parse_device
 from .backbone import load_backbone
 from .bundle import Bundle
 from .cublas import ieee_if_cuda
-from .errors import BackendUnavailableError, BundleError, IndexMismatchError, InputError
+from .errors import BundleError, IndexMismatchError, InputError
 from .index import Index
-from .model.head import HeadConfig, l2n, scale_gem_max
+from .preprocess import DecodedImage, describe_source, ensure_min_size, load_image, resize_for_scale, to_tensor
 
-_FUSED_HEAD_FIELDS = ("rgem_p", "rgem_size", "rgem_mix", "gemp_p", "gemp_eps")
-from .preprocess import (DecodedImage, check_finite, describe_source, ensure_min_size, load_image,
-                         resize_for_scale, to_tensor)
+
+@dataclass
+class QueryResult:
+    """One query's ranked list: `ids` (external ids), `rows` (positions in the index) and `scores`, best first."""
+
+    ids: list
+    rows: np.ndarray
+    scores: np.ndarray
 
 
 @dataclass
 class SearchResult:
-    """Ranked results. One query: 1-D `rows`/`scores` and a flat `ids` list; a batch: [nq, k] and a list per query.
-
-    `rows` are positions in the index, `ids` the external ids stored with them. `timings` holds
-    milliseconds per stage for the whole call; `notes` says what was adjusted (k clamped, image
-    upscaled...).
+    """Ranked results, always one row per query (as FAISS returns 2-D arrays): `ids` is a list of
+    nq lists, `rows` [nq, k] int64 positions in the index, `scores` [nq, k] float32. `result[i]`
+    is query i's `QueryResult` (`result[0].ids` for a single query). `timings` holds milliseconds
+    per stage for the whole call; `notes` says what was adjusted (k clamped, image upscaled...).
     """
 
-    ids: list
+    ids: list[list]
     rows: np.ndarray
     scores: np.ndarray
     timings: dict[str, float]
@@ -52,16 +60,16 @@ class SearchResult:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def __getitem__(self, i: int) -> QueryResult:
+        return QueryResult(self.ids[i], self.rows[i], self.scores[i])
+
     def table(self) -> str:
-        ids = [self.ids] if self.rows.ndim == 1 else self.ids
-        rows = self.rows.reshape(len(ids), -1)
-        scores = self.scores.reshape(len(ids), -1)
         out = []
-        for qi in range(len(ids)):
-            if len(ids) > 1:
+        for qi in range(len(self.ids)):
+            if len(self.ids) > 1:
                 out.append(f"query {qi}")
             out.append(f"{'rank':>4}  {'score':>8}  {'row':>7}  id")
-            for r, (i, s, row) in enumerate(zip(ids[qi], scores[qi], rows[qi]), 1):
+            for r, (i, s, row) in enumerate(zip(self.ids[qi], self.scores[qi], self.rows[qi]), 1):
                 out.append(f"{r:>4}  {s:8.4f}  {row:7d}  {i}")
         return "\n".join(out)
 
@@ -110,40 +118,12 @@ def _is_descriptor_input(query: Any) -> bool:
     return isinstance(query, np.ndarray) and np.issubdtype(query.dtype, np.floating)
 
 
-def _resolve_impls(head_impl: str, rerank_impl: str, device: torch.device) -> tuple[str, str]:
-    """Fix the kernel choices at load time, so describe() shows what runs and a kernel that cannot
-    run here fails now rather than on every search."""
-    from .ops import cpu_path, resolve_impl as resolve_head
-    from .rerank import resolve_impl as resolve_rerank
-    head = resolve_head(head_impl, device)
-    if head == "cpu":
-        head = cpu_path(device)
-    return head, resolve_rerank(rerank_impl, device)
-
-
 def _graphable_rerank(q: torch.Tensor, Y: torch.Tensor, static: tuple[int, float]):
-    """The Triton rerank without the host-side checks that would break a CUDA graph capture; the
-    caller (rerank_first_stage) checks the scores after the replay."""
-    from .kernels.rerank_triton import rerank_candidates_triton
+    """The Triton rerank as a CUDA graph captures it (no host-side checks inside); the engine
+    checks the scores after the replay."""
+    from .kernels.rerank_triton import rerank_triton
     K, beta = static
-    return rerank_candidates_triton(q, Y, K, beta)
-
-
-def _parse_device(device: str) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise InputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from e
-    if dev.type not in ("cpu", "cuda"):
-        raise InputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BackendUnavailableError(f"device={device!r} asked for, but torch sees no CUDA GPU on this machine")
-    if dev.type == "cuda" and dev.index is None:
-        # One GPU for every part (ORT's device_id, streams, Triton, graphs): "cuda" is the current one, now.
-        dev = torch.device("cuda", torch.cuda.current_device())
-    if dev.type == "cuda" and dev.index >= torch.cuda.device_count():
-        raise BackendUnavailableError(f"device={device!r} asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
-    return dev
+    return rerank_triton(q, Y, K, beta)
 
 
 def _on_device(method):
@@ -162,23 +142,33 @@ def _on_device(method):
 class Engine:
     """SuperGlobal retrieval over a bundle (and optionally an index). Build with `Engine.load`."""
 
-    def __init__(self, bundle: Bundle, backbone, index: Index | None, *, device: str,
-                 head_impl: str, rerank_impl: str, max_side: int | None) -> None:
+    def __init__(self, bundle: Bundle, backbone, index: Index | None, *, device: torch.device, head_impl: str,
+                 rerank_impl: str, search_impl: str, max_side: int | None, cuda_graphs: bool | None) -> None:
         self.bundle = bundle
         self.backbone = backbone
         self.index = index
-        self.device = torch.device(device)
+        self.device = device
         self.head_impl = head_impl
         self.rerank_impl = rerank_impl
+        self.search_impl = search_impl
         self.max_side = max_side
         self.scales = tuple(bundle.head_config.scales)
         self.normalization = bundle.normalization
         self.min_side = int(bundle.min_side)
-        wb = bundle.whitening()
-        self._whiten = None if wb is None else (wb[0].to(self.device, torch.float32), wb[1].to(self.device, torch.float32))
         self.dim = int(bundle.dim)
-        self.search_impl = "auto"
+        wb = bundle.whitening()
+        self._whiten = None if wb is None else (wb[0].to(device, torch.float32), wb[1].to(device, torch.float32))
+        self._pool = head_stage.IMPLS[head_impl]
+        # The search stage: the index rows as this device reads them (resident copy, host cache).
+        self._rows = None if index is None else search_stage.DeviceRows(index, device)
+        self._rerank = rerank_stage.IMPLS[rerank_impl]
         self._rerank_graphs = None
+        if device.type == "cuda" and rerank_impl == "triton" and cuda_graphs is not False:
+            # At batch 1 the Triton rerank is ~0.07 ms of GPU work behind ~0.35 ms of launches
+            # (H200): one graph per (nq, M') replays all of it with one launch.
+            from .cuda_graphs import CudaGraphCache
+            graphs = self._rerank_graphs = CudaGraphCache(_graphable_rerank, device, max_graphs=8)
+            self._rerank = lambda q, Y, K, beta: graphs(q.contiguous(), Y.contiguous(), static=(K, beta))
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -187,35 +177,37 @@ class Engine:
              rerank_impl: str = "auto", threads: int | None = None, max_side: int | None = None,
              cuda_graphs: bool | None = None, plan_cache: str | os.PathLike | None = None,
              build_plan: bool = True, search_impl: str = "auto") -> "Engine":
-        """Verify the bundle, create the backbone session once, open the index (same bundle only).
+        """Verify the bundle, create the backbone session once, open the index (same bundle only),
+        and choose every stage's implementation; `describe()` shows the choices.
 
         device: "cpu" or "cuda[:N]"; backend: "auto", "onnxruntime", "torch" or "tensorrt" (see
         sgengine.backbone). precision: "fp32" (the fidelity mode, SPEC.md), or opt-in "fp16" /
-        "bf16" for the backbone (the pooling head always accumulates in fp32). head_impl /
-        rerank_impl: "auto", "triton", "cpu" or "reference". max_side: long-side cap for decoded
-        images (default: the bundle's, 2048). cuda_graphs: replay CUDA graphs of the torch
-        backbone per input shape (default on for torch on CUDA). plan_cache / build_plan: where
-        TensorRT plans are cached (default: beside the bundle) and whether a missing or stale one
-        may be built now (minutes). search_impl: the first-stage product ("auto", "upcast" or
-        "split", see sgengine.search). On CUDA the index rows are uploaded here, once.
+        "bf16" for the backbone (the pooling head always accumulates in fp32). head_impl: "auto"
+        or a name in sgengine.head.IMPLS; rerank_impl: "auto" or a name in sgengine.rerank.IMPLS
+        ("auto" on the CPU is chosen for the bundle's M, capped at the index size);
+        search_impl: the first-stage product ("auto", "upcast" or "split", see sgengine.search).
+        max_side: long-side cap for decoded images (default: the bundle's, 2048). cuda_graphs:
+        replay CUDA graphs of the torch backbone per input shape and of the Triton rerank
+        (default on, on CUDA). plan_cache / build_plan: where TensorRT plans are cached (default:
+        beside the bundle) and whether a missing or stale one may be built now (minutes). On CUDA
+        the index rows are uploaded here, once.
         """
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise InputError(f"threads must be a positive integer, got {threads!r}")
-        dev = _parse_device(device)
+        if threads is not None:
+            threads = check_int(threads, "threads", 1)
+        dev = parse_device(device)
         b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
-        if any(getattr(b.head_config, f) != getattr(HeadConfig(), f) for f in _FUSED_HEAD_FIELDS):
-            # The fused head kernels implement SPEC 3's constants; only the scales are free.
-            raise BundleError(f"{b.path}: head parameters {b.head_config} differ from SPEC 3's (R-GeM p=2.5, 5x5, "
-                              "mix 0.5; GeM+ p=4.6, eps 1e-8), which the engine's head kernels implement")
-        head, rerank = _resolve_impls(head_impl, rerank_impl, dev)
-        from .search import IMPLS as _SEARCH_IMPLS
-        if search_impl not in _SEARCH_IMPLS:
-            raise InputError(f"search_impl must be one of {_SEARCH_IMPLS}, got {search_impl!r}")
+        if not b.head_config.pooling_is_spec():
+            raise BundleError(f"{b.path}: head parameters {b.head_config} differ from SPEC 3's (sgengine.head: "
+                              f"R-GeM p={head_stage.RGEM_P}, {head_stage.RGEM_SIZE}x{head_stage.RGEM_SIZE}, mix "
+                              f"{head_stage.RGEM_MIX}; GeM+ p={head_stage.GEMP_P}, eps {head_stage.GEMP_EPS}), which "
+                              f"the engine's head kernels compute")
+        head = head_stage.resolve_impl(head_impl, dev)
         bb = load_backbone(b, device=str(dev), backend=backend, threads=threads, precision=precision,
                            cuda_graphs=cuda_graphs, plan_cache=plan_cache, build_plan=build_plan, max_side=max_side)
         if threads is not None:
             torch.set_num_threads(threads)
         idx = None
+        m_default = int(b.rerank_defaults["M"])
         if index is not None:
             if isinstance(index, Index):
                 idx = index
@@ -227,21 +219,20 @@ class Engine:
                 idx = Index.open(index, bundle_fingerprint=b.fingerprint)
             if idx.dim != b.dim:
                 raise IndexMismatchError(f"index {idx.path} holds {idx.dim}-d descriptors; bundle {b.path} makes {b.dim}-d")
-            idx.preload(dev)
-            from .search import resolve_impl as _resolve_search
-            _resolve_search(search_impl, dev, idx.dtype)  # e.g. "split" on float32 rows: an error now, not per search
-        engine = cls(b, bb, idx, device=str(dev), head_impl=head, rerank_impl=rerank,
-                     max_side=max_side if max_side is not None else b.max_side)
-        engine.search_impl = search_impl
-        if dev.type == "cuda" and rerank == "triton" and cuda_graphs is not False:
-            # At batch 1 the Triton rerank is ~0.07 ms of GPU work behind ~0.35 ms of launches
-            # (H200, issue 3): one graph per (nq, M') replays all of it with one launch.
-            from .cuda_graphs import CudaGraphCache
-            engine._rerank_graphs = CudaGraphCache(_graphable_rerank, dev, max_graphs=8)
+            if len(idx):
+                m_default = min(m_default, len(idx))
+            search = search_stage.resolve_impl(search_impl, dev, idx.dtype)
+        else:
+            search = search_stage.resolve_impl(search_impl, dev, "float32")
+        rerank = rerank_stage.resolve_impl(rerank_impl, dev, m_default)
+        engine = cls(b, bb, idx, device=dev, head_impl=head, rerank_impl=rerank, search_impl=search,
+                     max_side=max_side if max_side is not None else b.max_side, cuda_graphs=cuda_graphs)
+        if engine._rows is not None:
+            engine._rows.preload()
         return engine
 
     def describe(self) -> dict:
-        """What runs where: model, backend, providers, precision, kernels, index."""
+        """What runs where: model, backend, providers, precision, each stage's implementation, index."""
         m = self.bundle.manifest["model"]
         return {
             "model": m.get("name") or m.get("family"),
@@ -253,38 +244,28 @@ class Engine:
             "device": str(self.device),
             "backend": self.backbone.describe(),
             "head_impl": self.head_impl,
-            "rerank_impl": self._rerank_path(),
-            "search_impl": self._search_path(),
+            "search_impl": self.search_impl,
+            "rerank_impl": self.rerank_impl + (" +cuda_graphs" if self._rerank_graphs is not None else ""),
             "precision": getattr(self.backbone, "precision", "fp32"),
             "scales": list(self.scales),
             "max_side": self.max_side,
             "index": None if self.index is None else {
                 "path": str(self.index.path), "count": len(self.index), "dtype": self.index.dtype,
-                "rows": self.index.residency(self.device)},
+                "rows": self._rows.residency()},
         }
-
-    def _rerank_path(self) -> str:
-        if self._rerank_graphs is not None:
-            return self.rerank_impl + " +cuda_graphs"
-        if self.rerank_impl == "cpu":
-            from .rerank import cpu_path
-            return f"cpu ({cpu_path(self.device, int(self.bundle.rerank_defaults['M']))} at M'={self.bundle.rerank_defaults['M']})"
-        return self.rerank_impl
-
-    def _search_path(self) -> str:
-        if self.index is None:
-            return self.search_impl
-        from .search import resolve_impl
-        return resolve_impl(self.search_impl, self.device, self.index.dtype)
 
     # ---------------------------------------------------------------- embedding
     def decode(self, source: Any, *, name: str | None = None, color_order: str = "RGB") -> DecodedImage:
         """Decode one input to BGR uint8 (SPEC 1), capped at max_side. Raises ImageDecodeError/InputError naming it."""
         return load_image(source, name=name, color_order=color_order, max_side=self.max_side)
 
-    def _pool_head(self, fmap: torch.Tensor) -> torch.Tensor:
-        from .ops import gem_pool
-        g = l2n(gem_pool(fmap, impl=self.head_impl))
+    def _head(self, fmap: torch.Tensor) -> torch.Tensor:
+        """One scale's s4 map -> whitened descriptor (SPEC 3.3-3.6). The backbone's maps are
+        well-formed by construction; only non-finite features can go wrong, and the pooled
+        output shows them (sgengine.head.check_pooled)."""
+        pooled = self._pool(fmap)
+        head_stage.check_pooled(pooled, fmap.shape)
+        g = head_stage.l2n(pooled)
         if self._whiten is not None:
             w, b = self._whiten
             with ieee_if_cuda(g):  # float32 whitening: no TF32, whatever the process flags
@@ -297,13 +278,12 @@ class Engine:
         per_scale = []
         for s in self.scales:
             t0 = timer.now()
-            xs = resize_for_scale(x, s)
-            fmap = self.backbone(xs)
+            fmap = self.backbone(resize_for_scale(x, s))
             t0 = timer.add(f"backbone@{s:g}", t0)
-            per_scale.append(self._pool_head(fmap))
+            per_scale.append(self._head(fmap))
             timer.add("head", t0)
         t0 = timer.now()
-        d = scale_gem_max(per_scale)
+        d = head_stage.scale_gem_max(per_scale)
         timer.add("head", t0)
         return d
 
@@ -317,15 +297,15 @@ class Engine:
         notes: list[list[str]] = [list(im.notes) for im in images]
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         tensors: dict[int, torch.Tensor] = {}
+        t0 = timer.now()
         for i, im in enumerate(images):
-            t0 = timer.now()
             x = to_tensor(im.bgr, self.normalization, device=self.device)
             x, note = ensure_min_size(x, self.min_side, max_side=self.max_side)
             if note:
                 notes[i].append(note)
             tensors[i] = x
             groups[tuple(x.shape[-2:])].append(i)
-            timer.add("preprocess", t0)
+        timer.add("preprocess", t0)
         for members in groups.values():
             for start in range(0, len(members), batch_size):
                 chunk = members[start:start + batch_size]
@@ -343,6 +323,7 @@ class Engine:
     def embed_decoded(self, images: Sequence[DecodedImage], *, batch_size: int = 8,
                       timer: _Timer | None = None) -> tuple[np.ndarray, list[list[str]]]:
         """Decoded images -> (float32 [n, D] unit rows, notes per image). Equal sizes are batched together."""
+        batch_size = check_int(batch_size, "batch_size", 1)
         timer = timer or _Timer(self.device)
         out, notes = self._embed_on_device(images, batch_size=batch_size, timer=timer)
         timer.finish()
@@ -355,7 +336,8 @@ class Engine:
         in a list. Numpy arrays are read as RGB unless color_order="BGR". Bad inputs raise an error that
         names them (list position included).
         """
-        items = self._as_list(inputs)
+        batch_size = check_int(batch_size, "batch_size", 1)
+        items = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
         out = []
         it: Iterable = range(0, len(items), 64)
         if progress:
@@ -368,21 +350,33 @@ class Engine:
             out.append(self.embed_decoded(decoded, batch_size=batch_size)[0])
         return np.concatenate(out) if out else np.empty((0, self.dim), np.float32)
 
-    @staticmethod
-    def _as_list(inputs: Any) -> list:
-        if isinstance(inputs, (list, tuple)):
-            return list(inputs)
-        return [inputs]
-
     # ---------------------------------------------------------------- search
+    def _query_descriptors(self, query: Any, color_order: str, timer: _Timer) -> tuple[torch.Tensor, list[str]]:
+        """The query as float32 [nq, D] unit rows on the engine's device, and what was adjusted."""
+        if _is_descriptor_input(query):
+            q = torch.as_tensor(query).detach().to("cpu", torch.float32)
+            q = q.reshape(1, -1) if q.ndim == 1 else q
+            if q.ndim != 2 or q.shape[1] != self.dim:
+                raise InputError(f"query descriptors must be [D] or [n, D] with D={self.dim}, "
+                                 f"got shape {list(torch.as_tensor(query).shape)}")
+            check_finite(q, "query descriptors")
+            return q.to(self.device), []
+        items = list(query) if isinstance(query, (list, tuple)) else [query]
+        t0 = timer.now(host=True)
+        decoded = [self.decode(src, name=describe_source(src, j) if len(items) > 1 else None, color_order=color_order)
+                   for j, src in enumerate(items)]
+        timer.add("decode", t0)
+        q, per_image = self._embed_on_device(decoded, batch_size=8, timer=timer)
+        return q, [n for notes in per_image for n in notes]
+
     @_on_device
     def search(self, query: Any, k: int = 100, *, rerank: bool = True, M: int | None = None, K: int | None = None,
                beta: float | None = None, color_order: str = "RGB") -> SearchResult:
-        """Rank the index for one query or a batch.
+        """Rank the index for one query or a batch: a `SearchResult` with one row per query.
 
         query: an image (path, bytes, PIL, uint8 array), a list of images, or precomputed descriptors
-        (a floating numpy array / tensor, [D] for one query or [n, D] for a batch). rerank=True applies
-        SuperGlobal reranking to the first-stage top M (defaults from the bundle: M=400, K=9, beta=0.15).
+        (a floating numpy array / tensor, [D] or [n, D]). rerank=True applies SuperGlobal reranking
+        to the first-stage top M (defaults from the bundle: M=400, K=9, beta=0.15).
         k > len(index) is clamped to len(index) (noted in result.notes); k <= 0 is an error.
         """
         if self.index is None:
@@ -390,70 +384,35 @@ class Engine:
         n = len(self.index)
         if n == 0:
             raise InputError(f"index {self.index.path} is empty: add images first (sgengine index build)")
-        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k <= 0:
-            raise InputError(f"k must be a positive integer, got {k!r}")
-        from .rerank import _check_beta, _check_int
+        k = check_int(k, "k", 1)
         d = self.bundle.rerank_defaults
-        M = _check_int(d["M"] if M is None else M, "M", 1)
-        K = _check_int(d["K"] if K is None else K, "K", 0)
-        beta = _check_beta(d["beta"] if beta is None else beta)
-        timer = _Timer(self.device)
-        notes: list[str] = []
+        M = check_int(d["M"] if M is None else M, "M", 1)
+        K = check_int(d["K"] if K is None else K, "K", 0)
+        beta = check_real(d["beta"] if beta is None else beta, "beta")
         t_start = time.perf_counter()
-        single = True
-        if _is_descriptor_input(query):
-            q = torch.as_tensor(query).detach().to("cpu", torch.float32)
-            single = q.ndim == 1
-            q = q.reshape(1, -1) if single else q
-            if q.ndim != 2 or q.shape[1] != self.dim:
-                raise InputError(f"query descriptors must be [D] or [n, D] with D={self.dim}, got shape {list(torch.as_tensor(query).shape)}")
-            check_finite(q, "query descriptors")
-            q = q.to(self.device)
-        else:
-            single = not isinstance(query, (list, tuple))
-            items = self._as_list(query)
-            t0 = timer.now(host=True)
-            decoded = [self.decode(src, name=describe_source(src, j) if not single else None, color_order=color_order)
-                       for j, src in enumerate(items)]
-            timer.add("decode", t0)
-            q, per_notes = self._embed_on_device(decoded, batch_size=8, timer=timer)
-            notes += [n_ for ns in per_notes for n_ in ns]
+        timer = _Timer(self.device)
+
+        q, notes = self._query_descriptors(query, color_order, timer)
         if k > n:
             notes.append(f"k={k} clamped to the index size {n}")
             k = n
-        m_eff = min(M, n) if rerank else 0
-        # From here on everything stays on the engine's device: the index rows are resident there
-        # (Index.preload at load), the candidates are gathered there, and only the final top-k
-        # ids and scores are copied back.
+        m = min(M, n) if rerank else 0
+        # From here on everything stays on the engine's device (the rows are resident there, or
+        # streamed to it); only the final top-k ids and scores are copied back.
         t0 = timer.now()
-        scores, rows = self.index.search_tensor(q, max(k, m_eff), device=self.device, impl=self.search_impl)
-        timer.add("search", t0)
-        if rerank and len(q):
-            from .rerank import rerank_first_stage
-
-            def gather(top: torch.Tensor) -> torch.Tensor:
-                t0 = timer.now()
-                Y = self.index.gather_tensor(top)
-                timer.add("gather", t0)
-                return Y
-
-            graphs = self._rerank_graphs
-
-            def replay(q_, Y_, K_, beta_):
-                return graphs(q_.contiguous(), Y_.contiguous(), static=(int(K_), float(beta_)))
-            impl: Any = self.rerank_impl if graphs is None else replay
-            t0 = timer.now()
-            rows, scores = rerank_first_stage(q, scores, rows, gather, m_eff, K, beta, impl)
+        scores, rows = self._rows.topk(q, max(k, m), self.search_impl)
+        t0 = timer.add("search", t0)
+        if m:
+            Y = self._rows.gather(rows[:, :m])
+            t0 = timer.add("gather", t0)
+            order, f = self._rerank(q, Y, K, beta)
             timer.add("rerank", t0)
-        rows_k, scores_k = rows[:, :k], scores[:, :k]
-        rows_np = rows_k.cpu().numpy()
-        scores_np = scores_k.to(torch.float32).cpu().numpy()
+            rerank_stage.check_reranked(f, "database rows among the candidates")
+            rows, scores = rerank_stage.merge_reranked(rows, scores, m, order, f)
+        rows_np = rows[:, :k].cpu().numpy()
+        scores_np = scores[:, :k].to(torch.float32).cpu().numpy()
         ms = timer.finish()
-        if "rerank" in ms:
-            ms["rerank"] -= ms.get("gather", 0.0)  # gather is its own stage
         all_ids = self.index.ids
         ids = [[all_ids[r] for r in row] for row in rows_np]
         ms["total"] = (time.perf_counter() - t_start) * 1e3
-        if single:
-            return SearchResult(ids[0], rows_np[0], scores_np[0], ms, notes)
         return SearchResult(ids, rows_np, scores_np, ms, notes)

@@ -1,5 +1,8 @@
 """The persisted index: descriptors, their external ids, and the bundle that made them.
 
+Storage only: searching the rows, and keeping copies of them on a device, is the first stage's
+job (sgengine.search).
+
 Directory layout (format "sgengine-index", format_version 1)::
 
     index/
@@ -45,6 +48,7 @@ process mid-append.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -56,8 +60,9 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from ._checks import check_choice, check_int
+from ._io import sha256_file, write_bytes_atomic, write_json_atomic, write_stream_atomic
 from .errors import IndexError_, IndexMismatchError, InputError
-from .search import topk_similarity
 
 __all__ = ["Index", "FORMAT", "FORMAT_VERSION", "NORM_TOLERANCE"]
 
@@ -73,90 +78,19 @@ _MANIFEST = "manifest.json"
 _MANIFEST_TMP = "manifest.json.tmp"
 _LOCK = "index.lock"
 _SEGDIR = "segments"
-HOST_FLOAT32_CACHE_BYTES = 1 << 30  # float16 indexes up to this size (as float32) are searched from a float32 copy
 _SEG_RE = re.compile(r"^segments/seg-(\d{6,})\.npy$")
 _CRASH_ENV = "SGENGINE_INDEX_CRASH_AT"
 _CRASH_POINTS = ("after-segment", "before-manifest", "after-manifest")
-
-
-DEVICE_HEADROOM_BYTES = 2 << 30  # left free beside a resident index: model, activations, rerank buffers
-
-
-def _device_key(device: torch.device | str) -> str:
-    """"cuda" and "cuda:0" name one GPU: key resident rows by the explicit index, or one GPU would hold two copies."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        return f"cuda:{torch.cuda.current_device()}"
-    return str(device)
-
-
-def device_room_shortfall(device: torch.device, nbytes: int, *, free_bytes: int | None = None) -> str | None:
-    """Why `nbytes` of index rows should not be made resident on `device` (None when they fit):
-    they must leave DEVICE_HEADROOM_BYTES and a tenth of the free memory for everything else."""
-    if free_bytes is None:
-        if device.type != "cuda":
-            return None
-        free_bytes, _ = torch.cuda.mem_get_info(device)
-    room = int(free_bytes * 0.9) - DEVICE_HEADROOM_BYTES
-    if nbytes <= room:
-        return None
-    return (f"{nbytes / 2**30:.2f} GiB of rows do not fit the {max(room, 0) / 2**30:.2f} GiB this device can spare "
-            f"({free_bytes / 2**30:.2f} GiB free); searching in chunks from host memory")
+_REVISIONS = itertools.count(1)  # Index.revision: unique in the process, so no two loads share one
 
 
 def _utcnow() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def _fsync_dir(path: Path) -> None:
-    # A rename is durable only once the directory entry is; not possible on every OS (Windows).
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _crash_point(where: str) -> None:
     if os.environ.get(_CRASH_ENV) == where:
         os._exit(77)
-
-
-class _HashingWriter:
-    """File-like wrapper: np.lib.format writes through it in chunks, so the sha256 comes for free."""
-
-    def __init__(self, f) -> None:
-        self.f = f
-        self.h = hashlib.sha256()
-
-    def write(self, b) -> int:
-        self.h.update(b)
-        return self.f.write(b)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _write_durable(final: Path, write) -> str:
-    """Write via `write(file_like)` to final + '.tmp', fsync, rename into place; return the sha256."""
-    tmp = final.with_name(final.name + ".tmp")
-    with open(tmp, "wb") as f:
-        w = _HashingWriter(f)
-        write(w)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    return w.h.hexdigest()
 
 
 def _write_npy(final: Path, shape: tuple[int, int], dtype: np.dtype, blocks: Iterable[np.ndarray]) -> str:
@@ -166,12 +100,11 @@ def _write_npy(final: Path, shape: tuple[int, int], dtype: np.dtype, blocks: Ite
             w, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
         for b in blocks:
             w.write(np.ascontiguousarray(b, dtype=dtype).tobytes())
-    return _write_durable(final, write)
+    return write_stream_atomic(final, write)
 
 
 def _write_ids(final: Path, ids: Sequence[str]) -> str:
-    data = json.dumps(list(ids), ensure_ascii=False).encode("utf-8")
-    return _write_durable(final, lambda w: w.write(data))
+    return write_bytes_atomic(final, json.dumps(list(ids), ensure_ascii=False).encode("utf-8"))
 
 
 @contextmanager
@@ -193,7 +126,7 @@ class Index:
     """An append-only set of unit-norm descriptors with string ids, stored as described above.
 
     Build with `Index.create` or `Index.open`. Rows are numbered 0..len-1 in insertion order;
-    `search` returns those row numbers, `ids[row]` the external id.
+    the first stage (sgengine.search) returns those row numbers, `ids[row]` the external id.
     """
 
     # ------------------------------------------------------------ construction
@@ -211,10 +144,8 @@ class Index:
         bundle fingerprint, dim and dtype (IndexMismatchError otherwise).
         """
         root = Path(path)
-        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
-            raise InputError(f"index {root}: dim must be a positive integer, got {dim!r}")
-        if dtype not in DTYPES:
-            raise InputError(f"index {root}: dtype must be one of {DTYPES}, got {dtype!r}")
+        dim = check_int(dim, f"index {root}: dim", 1)
+        check_choice(dtype, f"index {root}: dtype", DTYPES)
         if not isinstance(bundle_fingerprint, str) or not bundle_fingerprint:
             raise InputError(f"index {root}: bundle_fingerprint must be a non-empty string")
         if (root / _MANIFEST).exists():
@@ -309,9 +240,7 @@ class Index:
         self._ids = ids
         self._row_of: dict[str, int] | None = None
         self._concat: np.ndarray | None = None
-        self._device_rows: dict[str, torch.Tensor] = {}
-        self._streamed: dict[str, str] = {}
-        self._host_f32: np.ndarray | None = None
+        self._revision = next(_REVISIONS)
 
     # ------------------------------------------------------------ properties
     @property
@@ -330,6 +259,13 @@ class Index:
     @property
     def bundle_fingerprint(self) -> str:
         return self._manifest["bundle_fingerprint"]
+
+    @property
+    def revision(self) -> int:
+        """Changes whenever the rows this object serves change (add, compact, a reload of another
+        process's commit); unique within the process. Copies of the rows kept elsewhere (the
+        first stage's device and host copies) are valid while it is unchanged."""
+        return self._revision
 
     @property
     def segments(self) -> int:
@@ -383,112 +319,6 @@ class Index:
                 self._concat = np.concatenate(self._arrays, axis=0)
         return self._concat
 
-    def search(self, queries, k: int, *, device: str | torch.device | None = None,
-               impl: str = "auto") -> tuple[np.ndarray, np.ndarray]:
-        """Exact first-stage search (SPEC 5): scores float32 [nq, k] descending, rows int64 [nq, k].
-
-        queries: [nq, D] or [D] (treated as nq = 1), numpy or torch, finite. k > len(self) is
-        clamped to len(self); k <= 0 and an empty index are InputErrors. `device`: where the
-        product runs (default: where the queries are, CPU for numpy). On a non-CPU device the
-        stored rows are uploaded once, in the stored dtype, and kept there until the next add
-        or compact (`release_device()` frees them). `impl`: see search.topk_similarity.
-        """
-        scores, rows = self.search_tensor(queries, k, device=device, impl=impl)
-        return scores.cpu().numpy(), rows.cpu().numpy()
-
-    def search_tensor(self, queries, k: int, *, device: str | torch.device | None = None,
-                      impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-        """`search` without the copy back: scores float32 and rows int64 [nq, k] as tensors on the
-        device the product ran on (the engine's GPU path copies only its final top-k to the host)."""
-        n = len(self)
-        if n == 0:
-            raise InputError(f"index {self._path} is empty: add descriptors first (sgengine index build)")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
-            raise InputError(f"k must be a positive integer, got {k!r}")
-        q = self._check_queries(queries)
-        if device is not None:
-            q = q.to(device)
-        db = self._host_rows() if q.device.type == "cpu" else self._on_device(q.device)
-        return topk_similarity(q, db, min(int(k), n), impl=impl)
-
-    def _host_rows(self) -> np.ndarray:
-        """Rows for a CPU search. float16 rows up to HOST_FLOAT32_CACHE_BYTES as float32 are
-        converted once and kept: converting them on every query cost 33 ms at 5,000 x 2048 (2-core
-        EPYC), against ~1 ms for the product itself. Larger float16 indexes stream in chunks."""
-        rows = self.vectors()
-        if rows.dtype != np.float16 or rows.shape[0] * rows.shape[1] * 4 > HOST_FLOAT32_CACHE_BYTES:
-            return rows
-        if self._host_f32 is None:
-            self._host_f32 = rows.astype(np.float32)
-        return self._host_f32
-
-    def _on_device(self, device: torch.device) -> torch.Tensor | np.ndarray:
-        # Streaming a memmap to the GPU on every query would cost a full host->device copy of
-        # the index per query; one resident copy is the whole point of searching there. An
-        # index larger than the device's free memory (less headroom for the model and the
-        # rerank) stays on the host and is streamed chunk by chunk by topk_similarity: slower,
-        # but it runs, and residency() says so.
-        key = _device_key(device)
-        t = self._device_rows.get(key)
-        if t is not None:
-            return t
-        if key in self._streamed:
-            return self.vectors()
-        rows = self.vectors()
-        reason = device_room_shortfall(device, rows.nbytes)
-        if reason is not None:
-            self._streamed[key] = reason
-            return rows
-        t = torch.from_numpy(np.ascontiguousarray(rows)).to(device)
-        self._device_rows[key] = t
-        return t
-
-    def residency(self, device: str | torch.device) -> str:
-        """Where `search(device=...)` reads the rows from: "host" (CPU), "resident" (one copy on the
-        device), "streamed: <why>" (too large for the device), or "not loaded yet"."""
-        device = torch.device(device)
-        if device.type == "cpu":
-            return "host"
-        key = _device_key(device)
-        if key in self._device_rows:
-            return "resident"
-        if key in self._streamed:
-            return f"streamed: {self._streamed[key]}"
-        return "not loaded yet"
-
-    def preload(self, device: str | torch.device) -> str:
-        """Upload the rows to `device` now (at Engine.load) instead of on the first query; returns residency()."""
-        device = torch.device(device)
-        if device.type != "cpu" and len(self):
-            self._on_device(device)
-        return self.residency(device)
-
-    def release_device(self) -> None:
-        """Drop the rows uploaded to accelerators by `search(..., device=...)`."""
-        self._device_rows = {}
-        self._streamed = {}
-
-    def _check_queries(self, queries) -> torch.Tensor:
-        if isinstance(queries, torch.Tensor):
-            q = queries.detach()
-        elif isinstance(queries, np.ndarray):
-            q = torch.from_numpy(np.ascontiguousarray(queries))
-        else:
-            raise InputError(f"queries must be a numpy array or torch tensor [nq, {self._dim}], "
-                             f"got {type(queries).__name__}")
-        if not q.is_floating_point():
-            raise InputError(f"queries must be floating point, got {q.dtype}")
-        if q.ndim == 1:
-            q = q.reshape(1, -1)
-        if q.ndim != 2 or q.shape[1] != self._dim:
-            raise InputError(f"queries must be [{self._dim}] or [nq, {self._dim}] for index {self._path}, "
-                             f"got shape {list(queries.shape)}")
-        q = q.to(torch.float32)
-        bad = ~torch.isfinite(q).all(dim=1)
-        if bool(bad.any()):
-            raise InputError(f"query {int(bad.nonzero()[0, 0])} contains NaN or Inf")
-        return q
-
     def gather(self, rows) -> np.ndarray:
         """Stored rows as float32: rows [nq, M] int -> [nq, M, D] (any shape S -> S + (D,))."""
         r = rows.detach().cpu().numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows)
@@ -501,29 +331,12 @@ class Index:
         flat = np.take(self.vectors(), r.reshape(-1), axis=0)
         return np.asarray(flat, dtype=np.float32).reshape(r.shape + (self._dim,))
 
-    def gather_tensor(self, rows: torch.Tensor) -> torch.Tensor:
-        """Stored rows as float32 on rows' device: rows [nq, M] int64 tensor -> [nq, M, D].
-
-        On a device that holds the rows (see residency) this is one index_select there, with no
-        host round trip; otherwise the rows come from the host copy and only they are moved."""
-        if not isinstance(rows, torch.Tensor) or rows.is_floating_point() or rows.is_complex():
-            raise InputError(f"rows must be an integer tensor, got {getattr(rows, 'dtype', type(rows).__name__)}")
-        resident = self._device_rows.get(_device_key(rows.device)) if rows.device.type != "cpu" else None
-        if resident is None:
-            return torch.from_numpy(self.gather(rows)).to(rows.device)
-        n = len(self)
-        flat = rows.reshape(-1)
-        if flat.numel() and bool(((flat < 0) | (flat >= n)).any()):
-            bad = flat[(flat < 0) | (flat >= n)][0]
-            raise InputError(f"row {int(bad)} is out of range for index {self._path} with {n} rows")
-        return resident.index_select(0, flat).to(torch.float32).reshape(tuple(rows.shape) + (self._dim,))
-
     def verify(self) -> None:
         """Hash every segment file against the manifest (reads everything: for `index info`, not for queries)."""
         for seg in self._manifest["segments"]:
             for key, hkey in (("file", "sha256"), ("ids_file", "ids_sha256")):
                 f = self._path / seg[key]
-                if _sha256_file(f) != seg[hkey]:
+                if sha256_file(f) != seg[hkey]:
                     raise IndexError_(f"index {self._path}: {f.name} does not match its sha256 in the manifest; "
                                       "the index is damaged. Rebuild it")
 
@@ -552,7 +365,6 @@ class Index:
             stored = x.astype(self._dtype, copy=False)
             sha = _write_npy(npy, stored.shape, stored.dtype, [stored])
             ids_sha = _write_ids(idf, ids)
-            _fsync_dir(seg_dir)
             _crash_point("after-segment")
             m = json.loads(json.dumps(self._manifest))
             m["segments"].append({"file": f"{_SEGDIR}/{npy.name}", "ids_file": f"{_SEGDIR}/{idf.name}",
@@ -569,9 +381,7 @@ class Index:
             if self._row_of is not None:
                 self._row_of.update((s, start + i) for i, s in enumerate(ids))
             self._concat = None
-            self._device_rows = {}
-            self._streamed = {}
-            self._host_f32 = None
+            self._revision = next(_REVISIONS)
 
     def compact(self) -> None:
         """Merge all segments into one (streamed, committed like an add); old files are then deleted."""
@@ -587,7 +397,6 @@ class Index:
             n = len(self._ids)
             sha = _write_npy(npy, (n, self._dim), np.dtype(self._dtype), self._arrays)
             ids_sha = _write_ids(idf, self._ids)
-            _fsync_dir(seg_dir)
             m = json.loads(json.dumps(self._manifest))
             m["segments"] = [{"file": f"{_SEGDIR}/{npy.name}", "ids_file": f"{_SEGDIR}/{idf.name}",
                               "count": n, "sha256": sha, "ids_sha256": ids_sha}]
@@ -707,12 +516,6 @@ def _read_manifest(root: Path) -> dict:
 
 
 def _commit_manifest(root: Path, manifest: dict, *, crash_hook: bool = False) -> None:
-    tmp = root / _MANIFEST_TMP
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    if crash_hook:
-        _crash_point("before-manifest")
-    os.replace(tmp, root / _MANIFEST)
-    _fsync_dir(root)
+    # A fixed temporary name: writers hold the lock, and a crashed commit's leftover is found by name.
+    write_json_atomic(root / _MANIFEST, manifest, indent=1, tmp=root / _MANIFEST_TMP,
+                      before_replace=(lambda: _crash_point("before-manifest")) if crash_hook else None)

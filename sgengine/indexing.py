@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._checks import check_int
 from .errors import InputError, SgengineError
 from .index import Index
 
@@ -44,8 +45,7 @@ def build_index(engine, folder: str | os.PathLike, index_path: str | os.PathLike
     so an interrupted build resumes where its last commit left off; every `commit_every` images are
     committed as one segment. Unreadable files are collected in the report, never fatal.
     """
-    if isinstance(commit_every, bool) or not isinstance(commit_every, int) or commit_every < 1:
-        raise InputError(f"commit_every must be a positive integer, got {commit_every!r}")
+    commit_every = check_int(commit_every, "commit_every", 1)
     root = Path(folder)
     files = list_images(root)
     path = Path(index_path)

@@ -47,8 +47,7 @@ def precision_report(reference, candidate, images: Sequence[Any], *, k: int = 10
         kk = min(k, len(reference.index))
         ra = reference.search(a, k=kk, rerank=rerank)
         rb = candidate.search(b, k=kk, rerank=rerank)
-        ids_a = ra.ids if isinstance(ra.ids[0], list) else [ra.ids]
-        ids_b = rb.ids if isinstance(rb.ids[0], list) else [rb.ids]
+        ids_a, ids_b = ra.ids, rb.ids
         out["k"] = kk
         out["topk_agreement"] = topk_agreement(ids_a, ids_b, kk)
         for j in also_k:

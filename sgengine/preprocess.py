@@ -288,8 +288,3 @@ def ensure_min_size(x: torch.Tensor, min_side: int, max_side: int | None = None)
     y = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=False)
     return y, note + f"{nw}x{nh} so the smallest scale gives a >= 3x3 feature map"
 
-
-def check_finite(x: torch.Tensor | np.ndarray, name: str) -> None:
-    ok = torch.isfinite(x).all().item() if isinstance(x, torch.Tensor) else bool(np.isfinite(x).all())
-    if not ok:
-        raise InputError(f"{name}: contains NaN or inf values")

@@ -1,45 +1,51 @@
-"""SuperGlobal reranking (SPEC 6).
+"""The rerank stage: SuperGlobal reranking (SPEC 6), its reference, its checks and its dispatch.
 
-Three layers, each swappable by one argument:
+    rerank_candidates(q [nq, D], Y [nq, M', D], K, beta, impl="auto") -> (order [nq, M'], scores [nq, M'])
+    superglobal_rerank(queries, database, *, M, K, beta, k, impl="auto") -> (ids [nq, k], scores [nq, k])
 
-- `rerank_candidates_reference(q, Y, K, beta)`: plain PyTorch, step by step as SPEC 6 reads,
-  batched over queries (the query axis is chunked to bound memory, never looped one by one).
-- `rerank_candidates(q, Y, K, beta, impl)`: validates once and dispatches to the Triton kernel
-  (CUDA), the CPU fast path (`sgengine.kernels.rerank_cpu`) or the reference. The CPU fast path
-  finds the neighbours one of two ways, both giving the float32 selection: "cpu_fp32" (float32
-  Gram, torch.topk) or "cpu_bf16" (a bfloat16 Gram with a rigorous error bound only rules
-  columns out; the candidates left get exact float32 dots). "cpu" takes "cpu_bf16" where the
-  CPU has bfloat16 dot-product instructions and M' is large enough; `cpu_path` says which.
-- `superglobal_rerank(queries, database, M, K, beta, k, impl)`: first-stage exact top-M
-  (`sgengine.search.topk_similarity`), gather, rerank, and the final id list.
+Implementations (`IMPLS`; the same names in `Engine.describe()`, the benchmark providers and the
+functions), all with the contract of `rerank_reference`:
 
-`rerank_loop_chain` is the loop-per-query transcription with full sorts, in any dtype
-(float64 for tests): the yardstick the tests compare against and the "chain" the benchmark
-times.
+| name        | function                                          | runs on                              |
+|-------------|---------------------------------------------------|--------------------------------------|
+| `reference` | `rerank_reference` (below)                        | any device: SPEC 6 step by step      |
+| `cpu_fp32`  | `sgengine.kernels.rerank_cpu.rerank_cpu_fp32`     | any device (tuned for the CPU)       |
+| `cpu_bf16`  | `sgengine.kernels.rerank_cpu.rerank_cpu_bf16`     | CPU with AVX512_BF16, C++ built      |
+| `triton`    | `sgengine.kernels.rerank_triton.rerank_triton`    | CUDA (CPU under TRITON_INTERPRET=1)  |
 
-All rerank outputs: `order` [nq, M'] int64 indexes the candidate axis of Y (best first),
-`scores` [nq, M'] float32 are the final scores f in that order.
+cpu_bf16 gives the float32 selection too: a bfloat16 Gram with a rigorous error bound only rules
+columns out, and the columns left get exact dots (kernels/rerank_cpu.py holds the argument).
+"auto" (`resolve_impl`) takes triton on CUDA, cpu_bf16 on a CPU that runs it when M' >= 128
+(below, the Gram is too small for the halved product to pay for the extra passes), else cpu_fp32.
+
+`rerank_loop_chain` is the loop-per-query transcription with full sorts, in any dtype (float64
+for tests): the yardstick the tests compare against and the "chain" the benchmarks time.
+
+The public entries check their inputs once; everything they call trusts them. All rerank outputs:
+`order` [nq, M'] int64 indexes the candidate axis of Y (best first), `scores` [nq, M'] float32 are
+the final scores f in that order.
 """
 from __future__ import annotations
 
-import math
+from typing import Callable
 
 import numpy as np
 import torch
 
+from ._checks import check_choice, check_int, check_real, check_tensor
 from .cublas import ieee_if_cuda
 from .errors import BackendUnavailableError, InputError
 
 __all__ = [
     "IMPLS",
-    "cpu_path",
+    "resolve_impl",
     "rerank_candidates",
-    "rerank_candidates_reference",
+    "rerank_reference",
     "rerank_loop_chain",
+    "merge_reranked",
+    "check_reranked",
     "superglobal_rerank",
 ]
-
-IMPLS = ("auto", "triton", "cpu", "cpu_fp32", "cpu_bf16", "reference")
 
 # Working set per query chunk of the reference (Gram plus a few [M', D] buffers). 256 MiB keeps
 # each bmm large while M' = 1600 still fits several queries per chunk.
@@ -53,11 +59,11 @@ def _query_chunk(M: int, D: int, budget: int = _WORK_BYTES) -> int:
 
 # ----------------------------------------------------------------------------- reference
 @torch.no_grad()
-def rerank_candidates_reference(q: torch.Tensor, Y: torch.Tensor, K: int = 9, beta: float = 0.15
+def rerank_reference(q: torch.Tensor, Y: torch.Tensor, K: int = 9, beta: float = 0.15
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SPEC 6 steps 2-8 in plain PyTorch. q [nq, D] f32, Y [nq, M', D] f32 (candidates in
-    first-stage order) -> (order [nq, M'] int64, scores [nq, M'] f32). No input validation:
-    `rerank_candidates` does that once."""
+    first-stage order) -> (order [nq, M'] int64, scores [nq, M'] f32). Trusts its inputs:
+    `rerank_candidates` checks them once."""
     nq, M, D = Y.shape
     Kp = min(K + 1, M)  # K' = min(K + 1, M')
     order = torch.empty(nq, M, dtype=torch.int64, device=Y.device)
@@ -107,7 +113,7 @@ def rerank_loop_chain(q, Y, K: int = 9, beta: float = 0.15, *, dtype: torch.dtyp
 
     The yardstick for tests (float64) and the "chain" the benchmark times: what a straight
     port of the reference does, query by query, sorting every Gram row in full. Same contract
-    as `rerank_candidates_reference`; scores come back in `dtype`.
+    as `rerank_reference`; scores come back in `dtype`.
     """
     q = torch.as_tensor(q)
     Y = torch.as_tensor(Y)
@@ -137,85 +143,83 @@ def rerank_loop_chain(q, Y, K: int = 9, beta: float = 0.15, *, dtype: torch.dtyp
 
 
 # ----------------------------------------------------------------------------- dispatch
-def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise InputError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise InputError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
+RerankFn = Callable[[torch.Tensor, torch.Tensor, int, float], "tuple[torch.Tensor, torch.Tensor]"]
 
 
-def _check_beta(beta) -> float:
-    try:
-        b = float(beta)
-    except (TypeError, ValueError):
-        raise InputError(f"beta must be a real number, got {beta!r}") from None
-    if not math.isfinite(b):
-        raise InputError(f"beta must be finite, got {beta!r}")
-    return b
+def _cpu_fp32(q, Y, K, beta):
+    from .kernels.rerank_cpu import rerank_cpu_fp32
+    return rerank_cpu_fp32(q, Y, K, beta)
 
 
-def _triton_available() -> bool:
-    try:
-        from .kernels import rerank_triton  # noqa: F401
-    except Exception:  # ImportError, or triton failing to initialise
-        return False
-    return True
+def _cpu_bf16(q, Y, K, beta):
+    from .kernels.rerank_cpu import rerank_cpu_bf16
+    return rerank_cpu_bf16(q, Y, K, beta)
 
 
-def resolve_impl(impl: str, device: torch.device | str) -> str:
-    """The implementation `impl` stands for on `device` ("auto": Triton on CUDA when it imports, else cpu).
-    "cpu_bf16" raises BackendUnavailableError where it cannot run (not a CPU device, or the C++
-    kernel is not built); `cpu_path` says what "cpu" runs."""
-    if impl not in IMPLS:
-        raise InputError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "triton" if torch.device(device).type == "cuda" and _triton_available() else "cpu"
+def _triton(q, Y, K, beta):
+    from .kernels.rerank_triton import rerank_triton
+    return rerank_triton(q, Y, K, beta)
+
+
+IMPLS: dict[str, RerankFn] = {
+    "reference": rerank_reference,
+    "cpu_fp32": _cpu_fp32,
+    "cpu_bf16": _cpu_bf16,
+    "triton": _triton,
+}
+
+
+def _why_not(impl: str, device: torch.device) -> str | None:
+    """Why `impl` cannot run on tensors on `device`, or None when it can."""
     if impl == "cpu_bf16":
-        from .kernels.rerank_cpu import certified_info
-        info = certified_info()
-        if torch.device(device).type != "cpu":
-            raise BackendUnavailableError(f"impl='cpu_bf16' runs on CPU tensors, not {device}; use impl='cpu'")
-        if not info["available"]:
-            raise BackendUnavailableError(f"impl='cpu_bf16' needs the C++ kernel sgengine.kernels._rerank_cpu, "
-                                          f"which does not import here ({info['error']}); use impl='cpu_fp32'")
+        if device.type != "cpu":
+            return f"it runs on CPU tensors, not {device}; use 'cpu_fp32' or 'auto'"
+        from .kernels.rerank_cpu import certified_available, certified_info
+        if not certified_available():
+            info = certified_info()
+            why = info["error"] or "this CPU has no AVX512_BF16 instructions"
+            return f"it needs the C++ kernel sgengine.kernels._rerank_cpu and AVX512_BF16 ({why}); use 'cpu_fp32'"
+    if impl == "triton":
+        try:
+            from .kernels import rerank_triton
+        except Exception as e:  # ImportError, or triton failing to initialise
+            return f"sgengine.kernels.rerank_triton does not import here ({type(e).__name__}: {e}); use 'cpu_fp32'"
+        if device.type != "cuda" and not rerank_triton.interpreting():
+            return (f"the Triton rerank runs on CUDA tensors, not {device} (CPU only under TRITON_INTERPRET=1, "
+                    f"for tests)")
+    return None
+
+
+def resolve_impl(impl: str, device: torch.device | str, M: int) -> str:
+    """The implementation `impl` stands for with M' candidates on `device` ("auto": triton on CUDA
+    where it imports; on the CPU cpu_bf16 where it runs and M' >= CERT_MIN_M, else cpu_fp32).
+    BackendUnavailableError when an explicit impl cannot run there."""
+    check_choice(impl, "rerank impl", ("auto", *IMPLS))
+    device = torch.device(device)
+    if impl == "auto":
+        if device.type == "cuda":
+            return "triton" if _why_not("triton", device) is None else "cpu_fp32"
+        from .kernels.rerank_cpu import CERT_MIN_M
+        return "cpu_bf16" if M >= CERT_MIN_M and _why_not("cpu_bf16", device) is None else "cpu_fp32"
+    why = _why_not(impl, device)
+    if why is not None:
+        raise BackendUnavailableError(f"rerank impl={impl!r} cannot run on {device}: {why}")
+    if impl == "triton":
+        from .kernels.rerank_triton import MAX_CANDIDATES
+        if M > MAX_CANDIDATES:
+            raise InputError(f"M'={M} candidates; the Triton rerank takes at most {MAX_CANDIDATES} "
+                             f"(rerank fewer, or use impl='reference')")
     return impl
 
 
-def cpu_path(device: torch.device | str = "cpu", M: int = 400) -> str:
-    """What impl="cpu" runs for M' candidates on `device`: "cpu_bf16" (bfloat16 Gram, certified
-    float32 selection) on a CPU with bfloat16 dot-product instructions (AVX512_BF16 or AMX), the
-    C++ kernel built and M' >= 128; else "cpu_fp32" (float32 Gram). Both give the float32
-    selection; "cpu_bf16" measured 2.2x faster at M' = 400 (issue 3)."""
-    from .kernels.rerank_cpu import certified_path
-    return "cpu_bf16" if certified_path(device, M) else "cpu_fp32"
-
-
-def _run(q: torch.Tensor, Y: torch.Tensor, K: int, beta: float, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
-    impl = resolve_impl(impl, Y.device)
-    if impl == "reference":
-        return rerank_candidates_reference(q, Y, K, beta)
-    if impl in ("cpu", "cpu_fp32", "cpu_bf16"):
-        from .kernels.rerank_cpu import rerank_candidates_cpu
-        select = {"cpu": "auto", "cpu_fp32": "exact", "cpu_bf16": "certified"}[impl]
-        return rerank_candidates_cpu(q, Y, K, beta, select=select)
-    try:
-        from .kernels.rerank_triton import rerank_candidates_triton
-    except Exception as e:
-        raise BackendUnavailableError(f"impl='triton' asked for, but sgengine.kernels.rerank_triton "
-                                      f"does not import here ({type(e).__name__}: {e}); use impl='cpu'") from e
-    return rerank_candidates_triton(q, Y, K, beta)
-
-
-def _check_output(scores: torch.Tensor, what: str) -> None:
-    # Any NaN/inf in a candidate row reaches that row's own score: G[i, i] is non-finite, and
-    # slot 0 (weight 1) brings Y_i into Y'_i, so s1_i is non-finite. Checking the [nq, M']
-    # output is therefore an exact test of the inputs at a fraction of a pass over Y.
+def check_reranked(scores: torch.Tensor, what: str) -> None:
+    """InputError when a final score is not finite. Any NaN/inf in a candidate row reaches that
+    row's own score (G[i, i] is non-finite, and slot 0, weight 1, brings Y_i into Y'_i), so
+    checking the [nq, M'] output is an exact test of the candidates at a fraction of a pass."""
     bad = ~torch.isfinite(scores)
     if bool(bad.any()):
-        i, j = (int(t) for t in torch.nonzero(bad)[0])
-        raise InputError(f"{what} contain NaN or inf (first seen at query {i}): "
-                         f"descriptors must be finite")
+        i = int(torch.nonzero(bad)[0, 0])
+        raise InputError(f"{what} contain NaN or inf (first seen at query {i}): descriptors must be finite")
 
 
 @torch.no_grad()
@@ -225,29 +229,20 @@ def rerank_candidates(q: torch.Tensor, Y: torch.Tensor, K: int = 9, beta: float 
 
     q: [nq, D] query descriptors; Y: [nq, M', D] each query's candidates in first-stage order
     (floating; computed in float32, on Y's device). K >= 0 neighbours (K' = min(K + 1, M')),
-    beta: neighbour weight. impl: "auto" (Triton when Y is on CUDA and it imports, else the
-    CPU fast path, which is device-agnostic torch), "triton", "cpu" (picks "cpu_bf16" or
-    "cpu_fp32", see `cpu_path`), "cpu_fp32", "cpu_bf16" (CPU only) or "reference".
+    beta: neighbour weight. impl: "auto" or a name in IMPLS (see `resolve_impl`).
     Returns (order [nq, M'] int64 into Y's candidate axis, best first; scores [nq, M'] float32
     final scores f in that order). Equal scores come in unspecified order (SPEC 6, ties).
     """
-    if not isinstance(q, torch.Tensor) or not isinstance(Y, torch.Tensor):
-        bad = "q" if not isinstance(q, torch.Tensor) else "Y"
-        raise InputError(f"{bad} must be a torch.Tensor, got {type(q if bad == 'q' else Y).__name__}")
-    if Y.ndim != 3:
-        raise InputError(f"Y (candidates) must be 3-D [nq, M', D], got shape {list(Y.shape)}")
-    if q.ndim != 2:
-        raise InputError(f"q (queries) must be 2-D [nq, D], got shape {list(q.shape)}")
+    check_tensor(q, "q (queries)", 2, "[nq, D]")
+    check_tensor(Y, "Y (candidates)", 3, "[nq, M', D]")
     if q.shape[0] != Y.shape[0] or q.shape[1] != Y.shape[2]:
         raise InputError(f"q has shape {list(q.shape)} but Y has {list(Y.shape)}: expected q [nq, D], Y [nq, M', D]")
-    if not q.is_floating_point() or not Y.is_floating_point():
-        raise InputError(f"q and Y must be floating point, got {q.dtype} and {Y.dtype}")
     if Y.shape[1] == 0:
         raise InputError("Y has no candidates (M' = 0)")
-    K = _check_int(K, "K", 0)
-    beta = _check_beta(beta)
-    impl = resolve_impl(impl, Y.device)
+    K = check_int(K, "K", 0)
+    beta = check_real(beta, "beta")
     nq, M = Y.shape[0], Y.shape[1]
+    fn = IMPLS[resolve_impl(impl, Y.device, M)]
     if nq == 0:
         return (torch.empty(0, M, dtype=torch.int64, device=Y.device),
                 torch.empty(0, M, dtype=torch.float32, device=Y.device))
@@ -255,9 +250,20 @@ def rerank_candidates(q: torch.Tensor, Y: torch.Tensor, K: int = 9, beta: float 
     Y = Y.to(torch.float32).contiguous()
     if not bool(torch.isfinite(q).all()):
         raise InputError("q (queries) contain NaN or inf: descriptors must be finite")
-    order, scores = _run(q, Y, K, beta, impl)
-    _check_output(scores, "Y (candidate descriptors)")
+    order, scores = fn(q, Y, K, beta)
+    check_reranked(scores, "Y (candidate descriptors)")
     return order, scores
+
+
+def merge_reranked(rows: torch.Tensor, first_scores: torch.Tensor, m: int, order: torch.Tensor,
+                   f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SPEC 6.8: the first m columns of a first-stage result (rows, first_scores [nq, k']) in the
+    rerank's final order with their final scores f, then every later column in first-stage order
+    with its first-stage score. Trusts its inputs."""
+    top = rows[:, :m]
+    ids = torch.cat([torch.gather(top, 1, order.to(top.device)), rows[:, m:]], dim=1)
+    scores = torch.cat([f.to(first_scores.device), first_scores[:, m:].to(torch.float32)], dim=1)
+    return ids, scores
 
 
 # ----------------------------------------------------------------------------- full search
@@ -281,30 +287,27 @@ def superglobal_rerank(queries, database, *, M: int = 400, K: int = 9, beta: flo
     first-stage scores and the reranked scores catches every bad row that could reach the
     output (a row scoring -inf for every query is never returned and is not reported).
     """
+    from .search import check_queries_and_database, exact
     as_numpy = isinstance(queries, np.ndarray)
-    from .search import check_queries_and_database, topk_similarity
     q, db = check_queries_and_database(queries, database)
     N, D = db.shape
     if N == 0:
         raise InputError("database is empty: nothing to rank")
-    M = _check_int(M, "M", 1)
-    K = _check_int(K, "K", 0)
-    beta = _check_beta(beta)
+    M = check_int(M, "M", 1)
+    K = check_int(K, "K", 0)
+    beta = check_real(beta, "beta")
     if k is not None:
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-            raise InputError(f"k must be an integer or None, got {k!r}")
-        if k <= 0:
-            raise InputError(f"k must be >= 1 (or None for all), got k={k}")
+        k = check_int(k, "k", 1)
         if k > N:
             raise InputError(f"k={k} is larger than the database (N={N} rows): ask for k <= {N} or k=None")
-    kk = N if k is None else int(k)
+    kk = N if k is None else k
     device = q.device
-    impl = resolve_impl(impl, device)
+    Mp = min(M, N)
+    fn = IMPLS[resolve_impl(impl, device, Mp)]
     q = q.to(torch.float32)
     if not bool(torch.isfinite(q).all()):
         raise InputError("queries contain NaN or inf: descriptors must be finite")
     nq = q.shape[0]
-    Mp = min(M, N)
 
     def out(ids: torch.Tensor, sc: torch.Tensor):
         return (ids.cpu().numpy(), sc.cpu().numpy()) if as_numpy else (ids, sc)
@@ -313,35 +316,17 @@ def superglobal_rerank(queries, database, *, M: int = 400, K: int = 9, beta: flo
         return out(torch.empty(0, kk, dtype=torch.int64, device=device),
                    torch.empty(0, kk, dtype=torch.float32, device=device))
 
-    first_s, rows = topk_similarity(q, db, max(kk, Mp))
+    first_s, rows = exact.exact_topk(q, db, max(kk, Mp), None, exact.resolve_impl("auto", device, db.dtype))
     bad = ~torch.isfinite(first_s)
     if bool(bad.any()):
         i, j = (int(t) for t in torch.nonzero(bad)[0])
         raise InputError(f"database row {int(rows[i, j])} contains NaN or inf (its similarity to query {i} "
                          f"is {float(first_s[i, j])}): descriptors must be finite")
-    def gather(top: torch.Tensor) -> torch.Tensor:
-        # Only the candidates (nq * M' rows), never the database; a CPU/memmap database with
-        # CUDA queries moves just these rows.
-        Y = db.index_select(0, top.reshape(-1).to(db.device)).to(device=device, dtype=torch.float32)
-        return Y.view(nq, Mp, D)
-
-    ids, scores = rerank_first_stage(q, first_s, rows, gather, Mp, K, beta, impl)
+    # Only the candidates (nq * M' rows), never the database: a CPU/memmap database with CUDA
+    # queries moves just these rows.
+    top = rows[:, :Mp]
+    Y = db.index_select(0, top.reshape(-1).to(db.device)).to(device=device, dtype=torch.float32).view(nq, Mp, D)
+    order, f = fn(q.contiguous(), Y, K, beta)
+    check_reranked(f, "database rows among the candidates")
+    ids, scores = merge_reranked(rows, first_s, Mp, order, f)
     return out(ids[:, :kk].to(torch.int64), scores[:, :kk].to(torch.float32))
-
-
-def rerank_first_stage(q: torch.Tensor, first_scores: torch.Tensor, rows: torch.Tensor, gather, m: int, K: int,
-                       beta: float, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """Rerank the first m columns of a first-stage result (SPEC 6.8): the m candidates in final
-    order with their final scores, then every later column in first-stage order with its
-    first-stage score. `gather(top [nq, m] rows) -> Y [nq, m, D]` float32 on q's device.
-    impl: a name (see rerank_candidates) or a callable (q, Y, K, beta) -> (order, scores).
-    The one place the engine and superglobal_rerank turn a first stage into a final ranking."""
-    top = rows[:, :m]
-    Y = gather(top)
-    # impl may be a callable (q, Y, K, beta) -> (order, f): the engine's CUDA-graph replay of the
-    # Triton rerank, which must skip the host-side checks that a capture cannot contain.
-    order, f = impl(q, Y, K, beta) if callable(impl) else _run(q, Y, K, beta, impl)
-    _check_output(f, "database rows among the candidates")
-    ids = torch.cat([torch.gather(top, 1, order.to(top.device)), rows[:, m:]], dim=1)
-    scores = torch.cat([f.to(first_scores.device), first_scores[:, m:].to(torch.float32)], dim=1)
-    return ids, scores

@@ -19,6 +19,7 @@ import torch
 
 from sgengine.errors import IndexError_, IndexMismatchError, InputError
 from sgengine.index import NORM_TOLERANCE, Index
+from sgengine.search import search_index
 
 FP = "f00dfeed" * 8  # bundle fingerprint (sha256-like hex)
 OTHER_FP = "0badc0de" * 8
@@ -70,8 +71,8 @@ def run_child(tmp_path: Path, index_dir: Path, x: np.ndarray, ids: list[str], *,
 
 
 def brute_force_check(ix: Index, stored: np.ndarray, q: np.ndarray, k: int) -> None:
-    """search() equals a float64 full sort over the stored rows (tie-aware: compares true scores)."""
-    s, r = ix.search(q, k)
+    """search_index equals a float64 full sort over the stored rows (tie-aware: compares true scores)."""
+    s, r = search_index(ix, q, k)
     q = q.numpy() if isinstance(q, torch.Tensor) else q
     kk = min(k, len(stored))
     assert s.shape == (len(q), kk) and r.shape == (len(q), kk)
@@ -158,6 +159,27 @@ def test_compact(tmp_path):
     re.verify()
 
 
+def test_revision_changes_with_the_rows(tmp_path):
+    # Copies of the rows kept by the search stage are valid while the revision is unchanged.
+    ix = Index.create(tmp_path / "ix", dim=D, bundle_fingerprint=FP)
+    r0 = ix.revision
+    ix.add(np.zeros((0, D), np.float32), [])
+    assert ix.revision == r0  # nothing added
+    ix.add(unit_rows(3, seed=90), names("a", 3))
+    r1 = ix.revision
+    assert r1 != r0
+    ix.vectors(), ix.gather(np.array([0])), len(ix)
+    assert ix.revision == r1  # reads change nothing
+    other = Index.open(tmp_path / "ix")
+    assert other.revision not in (r0, r1)  # unique per load, even of the same commit
+    other.add(unit_rows(2, seed=91), names("b", 2))
+    ix.add(unit_rows(1, seed=92), names("c", 1))  # picks up other's commit under the lock
+    r2 = ix.revision
+    assert r2 != r1 and len(ix) == 6
+    ix.compact()
+    assert ix.revision != r2 and ix.segments == 1
+
+
 def test_two_writers_do_not_overwrite_each_other(tmp_path):
     Index.create(tmp_path / "ix", dim=D, bundle_fingerprint=FP)
     w1, w2 = Index.open(tmp_path / "ix"), Index.open(tmp_path / "ix")
@@ -193,6 +215,11 @@ def test_create_refusals(tmp_path):
         Index.create(tmp_path / "photos", dim=D, bundle_fingerprint=FP)
     with pytest.raises(InputError, match="dtype"):
         Index.create(tmp_path / "ix2", dim=D, bundle_fingerprint=FP, dtype="bfloat16")
+    with pytest.raises(InputError, match="dim must be >= 1"):
+        Index.create(tmp_path / "ix3", dim=0, bundle_fingerprint=FP)
+    with pytest.raises(InputError, match="dim must be an integer"):
+        Index.create(tmp_path / "ix3", dim=True, bundle_fingerprint=FP)
+    assert not (tmp_path / "ix3").exists()  # refused before anything was written
 
 
 def _bad_batches():
@@ -346,43 +373,7 @@ def test_damaged_segments(tmp_path):
         Index.open(path2)
 
 
-# ---------------------------------------------------------------- search and gather
-def test_search_validation_and_clamp(tmp_path):
-    ix = Index.create(tmp_path / "ix", dim=D, bundle_fingerprint=FP)
-    with pytest.raises(InputError, match="is empty"):
-        ix.search(unit_rows(1), 5)
-    x = unit_rows(37, seed=50)
-    ix.add(x, names("s", 37))
-    s, r = ix.search(unit_rows(3, seed=51), 100)  # clamped to len
-    assert s.shape == (3, 37) and sorted(r[0].tolist()) == list(range(37))
-    s1, r1 = ix.search(x[4], 1)  # [D] query is one query; a stored row finds itself
-    assert r1.shape == (1, 1) and r1[0, 0] == 4 and abs(s1[0, 0] - 1) < 1e-6
-    for k in (0, -3, 2.5, True):
-        with pytest.raises(InputError, match="k must be a positive integer"):
-            ix.search(x[:1], k)
-    q = x[:2].copy()
-    q[1, 3] = np.nan
-    with pytest.raises(InputError, match="query 1 contains NaN"):
-        ix.search(q, 3)
-    with pytest.raises(InputError, match=r"\[16\] or \[nq, 16\]"):
-        ix.search(unit_rows(2, D - 1), 3)
-    brute_force_check(ix, x, unit_rows(5, seed=52), 10)
-
-
-def test_search_equals_brute_force_over_segments(tmp_path):
-    ix = Index.create(tmp_path / "ix", dim=D, bundle_fingerprint=FP)
-    parts = [unit_rows(n, seed=60 + n) for n in (90, 1, 150, 60)]
-    for j, p in enumerate(parts):
-        ix.add(p, names(f"p{j}", len(p)))
-    allx = np.concatenate(parts)
-    q = unit_rows(6, seed=61)
-    brute_force_check(ix, allx, q, 50)
-    brute_force_check(ix, allx, torch.from_numpy(q), 301)  # k = N
-    # Duplicated rows make ties; the result must still be a valid top-k.
-    ix.add(parts[0][:20], names("dup", 20))
-    brute_force_check(ix, np.concatenate([allx, parts[0][:20]]), q, 60)
-
-
+# ---------------------------------------------------------------- gather
 def test_gather(tmp_path):
     ix = Index.create(tmp_path / "ix", dim=D, bundle_fingerprint=FP)
     x = unit_rows(40, seed=70)
@@ -399,26 +390,6 @@ def test_gather(tmp_path):
         ix.gather(np.array([[-1]]))
     with pytest.raises(InputError, match="integers"):
         ix.gather(np.array([[1.0]]))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_search_on_cuda(tmp_path, dtype):
-    ix = Index.create(tmp_path / "ix", dim=D, bundle_fingerprint=FP, dtype=dtype)
-    x = unit_rows(300, seed=80)
-    ix.add(x, names("c", 300))
-    q = unit_rows(4, seed=81)
-    s, r = ix.search(q, 20, device="cuda")
-    assert isinstance(s, np.ndarray) and s.shape == (4, 20)
-    cached = ix._on_device(torch.device("cuda"))
-    assert ix._on_device(torch.device("cuda")) is cached  # uploaded once
-    stored = x.astype(dtype).astype(np.float32)
-    s_cpu, _ = ix.search(q, 20)
-    np.testing.assert_allclose(s, s_cpu, atol=1e-6, rtol=0)
-    ix.add(unit_rows(5, seed=82), names("d", 5))  # invalidates the device copy
-    s2, r2 = ix.search(torch.from_numpy(q).cuda(), 305)
-    assert r2.shape == (4, 305)
-    brute_force_check(ix, np.concatenate([stored, unit_rows(5, seed=82).astype(dtype).astype(np.float32)]), q, 30)
 
 
 def test_row_checks_name_rows_past_the_first_block(tmp_path):

@@ -19,7 +19,7 @@ import torch
 
 from sgengine.compare import assert_rankings_agree, rankings_agree
 from sgengine.errors import BackendUnavailableError, InputError
-from sgengine.rerank import (rerank_candidates, rerank_candidates_reference, rerank_loop_chain,
+from sgengine.rerank import (rerank_candidates, rerank_reference, rerank_loop_chain,
                              superglobal_rerank)
 
 ATOL = 1e-7  # float32 rounding of O(1) scores, on top of the measured plain error
@@ -84,7 +84,7 @@ def ill_posed_expansion(q: torch.Tensor, Y: torch.Tensor, K: int, beta: float, g
     return out
 
 
-def check_against_chain(q, Y, K, beta, seed, impls=("reference", "cpu", "auto")):
+def check_against_chain(q, Y, K, beta, seed, impls=("reference", "cpu_fp32", "auto")):
     o64, s64 = rerank_loop_chain(q, Y, K, beta, dtype=torch.float64)
     ref_o, ref_s = rerank_candidates(q, Y, K, beta, impl="reference")
     ok_q = ~ill_posed_expansion(q, Y, K, beta)
@@ -115,14 +115,15 @@ def test_candidates_match_chain(seed, nq, M, D, K):
 
 @pytest.mark.parametrize("gram", ["full", "sym"])
 @pytest.mark.parametrize("M", [3, 57, 300])
-def test_cpu_gram_modes(seed, gram, M):
-    # The block-symmetric float32 Gram (default from M' >= 256) and the plain product, at any M'.
-    from sgengine.kernels.rerank_cpu import rerank_candidates_cpu
+def test_cpu_gram_modes(seed, gram, M, monkeypatch):
+    # The block-symmetric float32 Gram (default from M' >= SYM_MIN_M) and the plain product, at any M'.
+    from sgengine.kernels import rerank_cpu
+    monkeypatch.setattr(rerank_cpu, "SYM_MIN_M", 1 << 30 if gram == "full" else 0)
     queries, db = make_data(seed, 3, 2 * M, 32)
     q, Y = candidates(queries, db, M)
     o64, s64 = rerank_loop_chain(q, Y, 9, 0.15)
     ok_q = ~ill_posed_expansion(q, Y, 9, 0.15)
-    o, s = rerank_candidates_cpu(q, Y, 9, 0.15, gram=gram, select="exact")
+    o, s = rerank_cpu.rerank_cpu_fp32(q, Y, 9, 0.15)
     for i in np.flatnonzero(ok_q):
         assert_rankings_agree(o64[i], s64[i], o[i], s[i], rtol=0, atol=2e-6, truncated=False,
                               context=f"seed {seed}, gram {gram}, query {i}")
@@ -152,8 +153,8 @@ def test_beta_changes_the_result(seed):
     # The weights must matter: beta = 0 reduces Y' to Y, a different ranking in general.
     queries, db = make_data(seed, 4, 300, 64)
     q, Y = candidates(queries, db, 100)
-    _, s0 = rerank_candidates(q, Y, 9, 0.0, impl="cpu")
-    _, s1 = rerank_candidates(q, Y, 9, 0.5, impl="cpu")
+    _, s0 = rerank_candidates(q, Y, 9, 0.0, impl="auto")
+    _, s1 = rerank_candidates(q, Y, 9, 0.5, impl="auto")
     assert (s0 - s1).abs().max() > 1e-3
     check_against_chain(q, Y, 9, 0.5, seed)
 
@@ -171,15 +172,15 @@ def test_reference_is_batched_consistently(seed):
     # Chunking the query axis must not change results: one query at a time equals the batch.
     queries, db = make_data(seed, 5, 200, 32)
     q, Y = candidates(queries, db, 60)
-    o, s = rerank_candidates_reference(q, Y, 9, 0.15)
+    o, s = rerank_reference(q, Y, 9, 0.15)
     for i in range(5):
-        oi, si = rerank_candidates_reference(q[i:i + 1], Y[i:i + 1], 9, 0.15)
+        oi, si = rerank_reference(q[i:i + 1], Y[i:i + 1], 9, 0.15)
         assert_rankings_agree(o[i], s[i], oi[0], si[0], truncated=False, context=f"seed {seed}")
 
 
 def test_zero_queries():
     Y = torch.zeros(0, 7, 16)
-    o, s = rerank_candidates(torch.zeros(0, 16), Y, impl="cpu")
+    o, s = rerank_candidates(torch.zeros(0, 16), Y, impl="auto")
     assert o.shape == (0, 7) and s.shape == (0, 7) and o.dtype == torch.int64 and s.dtype == torch.float32
 
 
@@ -229,13 +230,13 @@ def assert_search_agrees(queries, db, M, K, beta, ids, scores, seed, k=None):
                                   atol=tol, truncated=k < n, context=f"seed {seed}, query {i}, first-stage tail")
 
 
-@pytest.mark.parametrize("impl", ["cpu", "cpu_fp32", "cpu_bf16", "reference", "auto"])
+@pytest.mark.parametrize("impl", ["cpu_fp32", "cpu_bf16", "reference", "auto"])
 @pytest.mark.parametrize("M,k", [(40, None), (40, 10), (40, 40), (40, 55), (97, 13)])
 def test_search_matches_chain(seed, impl, M, k):
     if impl == "cpu_bf16":
-        from sgengine.kernels.rerank_cpu import certified_info
-        if not certified_info()["available"]:
-            pytest.skip("the certified path's C++ kernel is not built here")
+        from sgengine.kernels.rerank_cpu import certified_available
+        if not certified_available():
+            pytest.skip("the certified path needs its C++ kernel and AVX512_BF16")
     queries, db = make_data(seed, 5, 150, 40)
     ids, sc = superglobal_rerank(queries, db, M=M, K=9, beta=0.15, k=k, impl=impl)
     assert isinstance(ids, np.ndarray) and isinstance(sc, np.ndarray)
@@ -341,7 +342,7 @@ def test_non_finite_database(small, value, k):
 def test_non_finite_candidates():
     Y = torch.randn(2, 6, 8)
     Y[1, 4, 0] = float("inf")
-    for impl in ("cpu", "reference"):
+    for impl in ("auto", "cpu_fp32", "reference"):
         with pytest.raises(InputError, match=r"Y \(candidate descriptors\) contain NaN or inf"):
             rerank_candidates(torch.randn(2, 8), Y, impl=impl)
 
@@ -367,13 +368,18 @@ def test_shape_errors(small):
 
 
 def test_triton_unavailable_is_an_error():
+    """impl='triton' where it cannot run says why: the kernel does not import, or the tensors are
+    on the CPU without Triton's interpreter."""
     try:
-        import sgengine.kernels.rerank_triton  # noqa: F401
+        from sgengine.kernels.rerank_triton import interpreting
     except Exception:
         with pytest.raises(BackendUnavailableError, match="rerank_triton"):
             rerank_candidates(torch.randn(1, 8), torch.randn(1, 4, 8), impl="triton")
-    else:
-        pytest.skip("the Triton kernel exists here: its own tests cover it")
+        return
+    if interpreting():
+        pytest.skip("Triton's interpreter is on: the kernel runs on the CPU here")
+    with pytest.raises(BackendUnavailableError, match="runs on CUDA tensors"):
+        rerank_candidates(torch.randn(1, 8), torch.randn(1, 4, 8), impl="triton")
 
 
 # ----------------------------------------------------------------------------- compare

@@ -1,7 +1,7 @@
 """Triton SuperGlobal rerank (kernels/rerank_triton.py) against SPEC 6, tie-aware.
 
 Three yardsticks, none of them the code under test:
-- `sgengine.rerank.rerank_candidates_reference`: the plain float32 PyTorch transcription;
+- `sgengine.rerank.rerank_reference`: the plain float32 PyTorch transcription;
 - `spec_scores_from_gram` below: SPEC 6 steps 3-8 in float64 from a given Gram, written here
   independently (float64 Gram for the exact answer; a Gram from rounded inputs for what a
   reduced-precision path should achieve);
@@ -27,7 +27,7 @@ import torch
 
 from sgengine.compare import assert_rankings_agree
 from sgengine.errors import BackendUnavailableError, InputError
-from sgengine.rerank import rerank_candidates, rerank_candidates_reference
+from sgengine.rerank import rerank_candidates, rerank_reference
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CUDA = torch.cuda.is_available()
@@ -101,7 +101,7 @@ def check_against_spec(q, Y, K, beta, order, scores, context: str) -> None:
     assert torch.isfinite(scores).all(), context
     assert_valid_permutation(order, M)
     assert torch.all(scores[:, 1:] <= scores[:, :-1]), f"{context}: scores not descending"
-    r_order, r_scores = rerank_candidates_reference(q, Y, K, beta)
+    r_order, r_scores = rerank_reference(q, Y, K, beta)
     assert_rankings_agree(order, scores, r_order, r_scores, truncated=False, context=context)
     Y64 = Y.double()
     exact = spec_scores_from_gram(q, Y, Y64 @ Y64.transpose(1, 2), K, beta)
@@ -139,40 +139,42 @@ INTERP_CASES = [
 @interp_only
 @pytest.mark.parametrize("nq,M,D,K", INTERP_CASES)
 @pytest.mark.parametrize("gram", ["bmm", "triton"])
-def test_interp_fp32_matches_reference(nq, M, D, K, gram):
-    from sgengine.kernels.rerank_triton import rerank_candidates_triton
+def test_interp_fp32_matches_reference(nq, M, D, K, gram, monkeypatch):
+    from sgengine.kernels import rerank_triton
+    monkeypatch.setattr(rerank_triton, "GRAM", gram)
     q, Y = random_case(nq, M, D, seed=M * 100 + K)
-    order, scores = rerank_candidates_triton(q, Y, K, 0.15, "fp32", gram=gram)
+    order, scores = rerank_triton.rerank_triton(q, Y, K, 0.15, "fp32")
     check_against_spec(q, Y, K, 0.15, order, scores, f"nq={nq} M={M} D={D} K={K} gram={gram}")
 
 
 @interp_only
 @pytest.mark.parametrize("gram", ["bmm", "triton"])
-def test_interp_duplicates_and_ties(gram):
+def test_interp_duplicates_and_ties(gram, monkeypatch):
     """Exact duplicate candidates: a duplicate can take slot 0 (weight 1, SPEC quirk), and
     duplicates tie in every score, so only a tie-aware comparison can pass."""
-    from sgengine.kernels.rerank_triton import rerank_candidates_triton
+    from sgengine.kernels import rerank_triton
+    monkeypatch.setattr(rerank_triton, "GRAM", gram)
     q, Y = random_case(3, 24, 40, seed=7)
     Y[:, 5] = Y[:, 2]                      # a duplicate behind its original
     Y[:, 11] = Y[:, 12] = Y[:, 10]         # a triple
     Y[1, 3] = Y[1, 20]                     # a duplicate ahead of its original
     Y[2, :] = Y[2, 0]                      # every candidate identical: all scores tie
-    order, scores = rerank_candidates_triton(q, Y, 4, 0.15, "fp32", gram=gram)
+    order, scores = rerank_triton.rerank_triton(q, Y, 4, 0.15, "fp32")
     check_against_spec(q, Y, 4, 0.15, order, scores, f"duplicates gram={gram}")
     f = per_candidate(order, scores)
     assert abs(f[0, 5] - f[0, 2]) <= ATOL and abs(f[1, 3] - f[1, 20]) <= ATOL
     assert torch.all((f[2] - f[2, 0]).abs() <= ATOL), "identical candidates must score alike"
     # Deterministic: a second run gives the same bits.
-    order2, scores2 = rerank_candidates_triton(q, Y, 4, 0.15, "fp32", gram=gram)
+    order2, scores2 = rerank_triton.rerank_triton(q, Y, 4, 0.15, "fp32")
     assert torch.equal(order, order2) and torch.equal(scores, scores2)
 
 
 @interp_only
 @pytest.mark.parametrize("beta", [0.0, 0.15, 1.0])
 def test_interp_beta(beta):
-    from sgengine.kernels.rerank_triton import rerank_candidates_triton
+    from sgengine.kernels import rerank_triton
     q, Y = random_case(2, 20, 16, seed=11)
-    order, scores = rerank_candidates_triton(q, Y, 5, beta, "fp32")
+    order, scores = rerank_triton.rerank_triton(q, Y, 5, beta, "fp32")
     check_against_spec(q, Y, 5, beta, order, scores, f"beta={beta}")
 
 
@@ -183,9 +185,9 @@ def test_interp_reduced_precision(precision):
 
     (bf16 is left to the CUDA tests: the Triton 3.9 interpreter's bf16 tl.dot returns garbage.)
     """
-    from sgengine.kernels.rerank_triton import rerank_candidates_triton
+    from sgengine.kernels import rerank_triton
     q, Y = random_case(3, 33, 40, seed=5)
-    order, scores = rerank_candidates_triton(q, Y, 9, 0.15, precision)
+    order, scores = rerank_triton.rerank_triton(q, Y, 9, 0.15, precision)
     assert_valid_permutation(order, 33)
     Y64 = Y.double()
     exact = spec_scores_from_gram(q, Y, Y64 @ Y64.transpose(1, 2), 9, 0.15)
@@ -207,31 +209,36 @@ def test_interp_through_dispatch():
 
 @interp_only
 def test_interp_nq_zero():
-    from sgengine.kernels.rerank_triton import rerank_candidates_triton
-    order, scores = rerank_candidates_triton(torch.zeros(0, 16), torch.zeros(0, 5, 16), 9, 0.15)
+    from sgengine.kernels import rerank_triton
+    order, scores = rerank_triton.rerank_triton(torch.zeros(0, 16), torch.zeros(0, 5, 16), 9, 0.15)
     assert order.shape == (0, 5) and scores.shape == (0, 5)
 
 
 @interp_only
 def test_interp_errors_name_the_input(monkeypatch):
-    from sgengine.kernels.rerank_triton import rerank_candidates_triton
+    """The stage entry checks what the kernel trusts; the kernel checks only its own knob."""
+    from sgengine.kernels import rerank_triton
     q, Y = random_case(2, 8, 16, seed=1)
     cases = [
-        ((q, Y[0], 9, 0.15), {}, "Y"),
-        ((q.double(), Y, 9, 0.15), {}, "float32"),
-        ((q, Y, -1, 0.15), {}, "K must be"),
-        ((q, Y, 2.5, 0.15), {}, "K must be"),
-        ((q, Y, 9, float("nan")), {}, "beta"),
-        ((q, Y, 9, 0.15, "fp8"), {}, "precision"),
-        ((q, Y, 9, 0.15, "fp16"), {"gram": "bmm"}, "gram='bmm'"),
-        ((q, Y, 9, 0.15), {"gram": "cutlass"}, "gram"),
+        ((q, Y[0], 9, 0.15), "Y"),
+        ((q, Y, -1, 0.15), "K must be"),
+        ((q, Y, 2.5, 0.15), "K must be"),
+        ((q, Y, 9, float("nan")), "beta"),
     ]
-    for args, kw, word in cases:
+    for args, word in cases:
         with pytest.raises(InputError, match=word):
-            rerank_candidates_triton(*args, **kw)
+            rerank_candidates(*args, impl="triton")
+    with pytest.raises(InputError, match="precision"):
+        rerank_triton.rerank_triton(q, Y, 9, 0.15, "fp8")
+    monkeypatch.setattr(rerank_triton, "GRAM", "bmm")
+    with pytest.raises(InputError, match="GRAM='bmm'"):
+        rerank_triton.rerank_triton(q, Y, 9, 0.15, "fp16")
+    monkeypatch.setattr(rerank_triton, "MAX_CANDIDATES", 4)
+    with pytest.raises(InputError, match="at most 4"):
+        rerank_candidates(q, Y, 9, 0.15, impl="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(BackendUnavailableError, match="Y is on cpu"):
-        rerank_candidates_triton(q, Y, 9, 0.15)
+    with pytest.raises(BackendUnavailableError, match="runs on CUDA tensors"):
+        rerank_candidates(q, Y, 9, 0.15, impl="triton")
 
 
 # ----------------------------------------------------------------------------- CUDA
@@ -257,9 +264,9 @@ CUDA_SHAPES = [(70, 400, 2048, 9), (16, 1600, 2048, 9), (1, 400, 2048, 9), (70, 
 @pytest.mark.gpu
 @pytest.mark.parametrize("nq,M,D,K", CUDA_SHAPES)
 def test_cuda_fp32_matches_reference(nq, M, D, K):
-    from sgengine.kernels.rerank_triton import rerank_candidates_triton
+    from sgengine.kernels import rerank_triton
     q, Y = first_stage_candidates(nq, M, D, seed=M + nq)
-    order, scores = rerank_candidates_triton(q, Y, K, 0.15, "fp32")
+    order, scores = rerank_triton.rerank_triton(q, Y, K, 0.15, "fp32")
     check_against_spec(q, Y, K, 0.15, order, scores, f"cuda nq={nq} M={M} D={D} K={K}")
 
 
@@ -267,14 +274,14 @@ def test_cuda_fp32_matches_reference(nq, M, D, K):
 @pytest.mark.gpu
 def test_cuda_fp32_ignores_process_tf32_flag():
     """fp32 mode stays IEEE when the process has TF32 switched on, and the flag comes back."""
-    from sgengine.kernels.rerank_triton import rerank_candidates_triton
+    from sgengine.kernels import rerank_triton
     q, Y = first_stage_candidates(8, 400, 2048, seed=1)
-    want = rerank_candidates_triton(q, Y, 9, 0.15, "fp32")
+    want = rerank_triton.rerank_triton(q, Y, 9, 0.15, "fp32")
     mm = torch.backends.cuda.matmul
     saved = mm.fp32_precision
     mm.fp32_precision = "tf32"
     try:
-        got = rerank_candidates_triton(q, Y, 9, 0.15, "fp32")
+        got = rerank_triton.rerank_triton(q, Y, 9, 0.15, "fp32")
         assert mm.fp32_precision == "tf32"
     finally:
         mm.fp32_precision = saved
@@ -292,14 +299,15 @@ def top_agreement(order_a: torch.Tensor, order_b: torch.Tensor, k: int = 100) ->
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision,gram", [("tf32", "bmm"), ("tf32", "triton"), ("fp16", "triton"),
                                             ("bf16", "triton"), ("fp32", "triton")])
-def test_cuda_reduced_precision_agreement(precision, gram, record_property):
+def test_cuda_reduced_precision_agreement(precision, gram, record_property, monkeypatch):
     """Opt-in precisions report their top-100 agreement with fp32; each must be within 0.02 of
     what the same input rounding gives when the rest is exact (float64 from that Gram)."""
-    from sgengine.kernels.rerank_triton import rerank_candidates_triton
+    from sgengine.kernels import rerank_triton
     nq, M, D, K = 70, 400, 2048, 9
     q, Y = first_stage_candidates(nq, M, D, seed=99)
-    o32, _ = rerank_candidates_triton(q, Y, K, 0.15, "fp32")
-    op, sp = rerank_candidates_triton(q, Y, K, 0.15, precision, gram=gram)
+    o32, _ = rerank_triton.rerank_triton(q, Y, K, 0.15, "fp32")
+    monkeypatch.setattr(rerank_triton, "GRAM", gram)
+    op, sp = rerank_triton.rerank_triton(q, Y, K, 0.15, precision)
     assert_valid_permutation(op, M)
     Y64 = Y.double()
     exact_order, _ = as_ranking(spec_scores_from_gram(q, Y, Y64 @ Y64.transpose(1, 2), K, 0.15))

@@ -1,4 +1,5 @@
-"""First-stage search (SPEC 5) against a float64 full sort, tie-aware.
+"""First-stage search (SPEC 5) against a float64 full sort, tie-aware; and the rows it reads
+from an Index (search_index, DeviceRows: host copies, device residency, invalidation).
 
 A result is a correct exact top-k when (1) its rows are distinct and in range, (2) each returned
 score is the row's true score, (3) the true scores of the returned rows, in the returned order,
@@ -14,8 +15,11 @@ import numpy as np
 import pytest
 import torch
 
+import sgengine.search.rows as rows_mod
 from sgengine.errors import InputError
-from sgengine.search import _split_query, resolve_impl, topk_similarity
+from sgengine.index import Index
+from sgengine.search import DeviceRows, device_room_shortfall, resolve_impl, search_index, topk_similarity
+from sgengine.search.exact import _split_query
 
 try:  # written by another module owner; used when present, never required
     from sgengine.compare import assert_rankings_agree
@@ -205,3 +209,196 @@ def test_cuda(where, impl, tmp_path):
     s, r = topk_similarity(torch.from_numpy(q).cuda(), database, 100, chunk_rows=777, impl=impl)
     assert s.is_cuda and r.is_cuda
     assert_exact_topk(q, ref_db, 100, s, r)
+
+
+# ---------------------------------------------------------------- over an Index: search_index, DeviceRows
+FP = "f00dfeed" * 8  # bundle fingerprint (sha256-like hex)
+DI = 16
+
+
+def names(prefix: str, n: int) -> list[str]:
+    return [f"{prefix}/{i:04d}.jpg" for i in range(n)]
+
+
+def new_index(tmp_path, parts, dtype="float32") -> Index:
+    ix = Index.create(tmp_path / "ix", dim=parts[0].shape[1], bundle_fingerprint=FP, dtype=dtype)
+    for j, p in enumerate(parts):
+        ix.add(p, names(f"p{j}", len(p)))
+    return ix
+
+
+def test_search_index_validation_and_clamp(tmp_path):
+    ix = Index.create(tmp_path / "ix", dim=DI, bundle_fingerprint=FP)
+    with pytest.raises(InputError, match="is empty"):
+        search_index(ix, unit_rows(1, DI, 49), 5)
+    x = unit_rows(37, DI, 50)
+    ix.add(x, names("s", 37))
+    s, r = search_index(ix, unit_rows(3, DI, 51), 100)  # clamped to len
+    assert s.shape == (3, 37) and sorted(r[0].tolist()) == list(range(37))
+    s1, r1 = search_index(ix, x[4], 1)  # [D] query is one query; a stored row finds itself
+    assert r1.shape == (1, 1) and r1[0, 0] == 4 and abs(s1[0, 0] - 1) < 1e-6
+    for k in (0, -3):
+        with pytest.raises(InputError, match="k must be >= 1"):
+            search_index(ix, x[:1], k)
+    for k in (2.5, True):
+        with pytest.raises(InputError, match="k must be an integer"):
+            search_index(ix, x[:1], k)
+    q = x[:2].copy()
+    q[1, 3] = np.nan
+    with pytest.raises(InputError, match="query 1 contains NaN"):
+        search_index(ix, q, 3)
+    with pytest.raises(InputError, match=r"\[16\] or \[nq, 16\]"):
+        search_index(ix, unit_rows(2, DI - 1, 52), 3)
+    with pytest.raises(InputError, match="impl must be"):
+        search_index(ix, x[:1], 3, impl="fast")
+    with pytest.raises(InputError, match="device must be"):
+        search_index(ix, x[:1], 3, device="tpu")
+    with pytest.raises(InputError, match="Index"):
+        search_index(x, x[:1], 3)
+    q = unit_rows(5, DI, 52)
+    s, r = search_index(ix, q, 10)
+    assert isinstance(s, np.ndarray) and isinstance(r, np.ndarray)
+    assert_exact_topk(q, x, 10, s, r)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_search_index_over_segments(tmp_path, dtype):
+    parts = [unit_rows(n, DI, 60 + n) for n in (90, 1, 150, 60)]
+    ix = new_index(tmp_path, parts, dtype)
+    stored = np.concatenate(parts).astype(dtype).astype(np.float32)
+    q = unit_rows(6, DI, 61)
+    s, r = search_index(ix, q, 50)
+    assert_exact_topk(q, stored, 50, s, r)
+    s, r = search_index(ix, torch.from_numpy(q), 301)  # k = N
+    assert_exact_topk(q, stored, 301, s, r)
+    # Duplicated rows make ties; the result must still be a valid top-k.
+    ix.add(parts[0][:20], names("dup", 20))
+    stored = np.concatenate([stored, stored[:20]])
+    s, r = search_index(ix, q, 60)
+    assert_exact_topk(q, stored, 60, s, r)
+
+
+def test_split_on_cpu_reads_the_float16_rows(tmp_path):
+    # The CPU keeps a float32 copy of a small float16 index for "upcast"; "split" must still get
+    # the float16 rows it needs (its CPU emulation has the CUDA path's arithmetic).
+    x = unit_rows(300, DI, 53)
+    ix = new_index(tmp_path, [x], "float16")
+    q = unit_rows(4, DI, 54)
+    stored = x.astype(np.float16).astype(np.float32)
+    for impl in ("split", "upcast", "auto"):
+        s, r = search_index(ix, q, 40, impl=impl)
+        assert_exact_topk(q, stored, 40, s, r)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_device_rows_on_cpu(tmp_path, dtype):
+    x = unit_rows(200, DI, 55)
+    ix = new_index(tmp_path, [x[:120], x[120:]], dtype)
+    stored = x.astype(dtype).astype(np.float32)
+    rows = DeviceRows(ix, torch.device("cpu"))
+    assert rows.index is ix and rows.device == torch.device("cpu")
+    assert rows.preload() == "host" and rows.residency() == "host"
+    host = rows._copies().host_f32
+    if dtype == "float16":
+        assert host is not None and host.dtype == np.float32  # converted once, at preload
+        np.testing.assert_array_equal(host, stored)
+    else:
+        assert host is None  # float32 rows are searched in place
+    assert DeviceRows(ix, torch.device("cpu"))._copies() is rows._copies()  # one copy per Index and device
+    q = unit_rows(5, DI, 56)
+    s, r = rows.topk(torch.from_numpy(q), 30, "upcast")
+    assert s.dtype == torch.float32 and r.dtype == torch.int64
+    assert_exact_topk(q, stored, 30, s, r)
+    assert rows._copies().host_f32 is host  # not rebuilt per query
+    Y = rows.gather(r)
+    assert Y.shape == (5, 30, DI) and Y.dtype == torch.float32
+    np.testing.assert_array_equal(Y.numpy(), stored[r.numpy()])
+    # Growth and compaction are noticed: the copies are rebuilt from the new rows.
+    extra = unit_rows(7, DI, 57)
+    ix.add(extra, names("e", 7))
+    stored = np.concatenate([stored, extra.astype(dtype).astype(np.float32)])
+    s, r = rows.topk(torch.from_numpy(q), 207, "auto")
+    assert_exact_topk(q, stored, 207, s, r)
+    s, r = rows.topk(torch.from_numpy(extra), 1, "upcast")
+    assert r[:, 0].tolist() == list(range(200, 207))  # each new row finds itself
+    np.testing.assert_array_equal(rows.gather(r).numpy(), stored[r.numpy()])
+    if dtype == "float16":
+        assert rows._copies().host_f32 is not host and len(rows._copies().host_f32) == 207
+    ix.compact()
+    s, r = rows.topk(torch.from_numpy(q), 50, "upcast")
+    assert_exact_topk(q, stored, 50, s, r)
+    rows.release()
+    assert rows._copies().host_f32 is None and rows.residency() == "host"
+    empty = DeviceRows(Index.create(tmp_path / "empty", dim=DI, bundle_fingerprint=FP), torch.device("cpu"))
+    assert empty.preload() == "host"
+
+
+def test_device_room_shortfall():
+    dev = torch.device("cuda")
+    assert device_room_shortfall(dev, 4 << 30, free_bytes=80 << 30) is None
+    why = device_room_shortfall(dev, 70 << 30, free_bytes=72 << 30)
+    assert why is not None and "do not fit" in why and "70.00 GiB" in why
+    assert device_room_shortfall(torch.device("cpu"), 1 << 40) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_device_rows_on_cuda(tmp_path, dtype):
+    x = unit_rows(300, DI, 80)
+    ix = new_index(tmp_path, [x], dtype)
+    stored = x.astype(dtype).astype(np.float32)
+    q = unit_rows(4, DI, 81)
+    dev = torch.device("cuda", torch.cuda.current_device())
+    rows = DeviceRows(ix, dev)
+    assert rows.residency() == "not loaded yet"
+    assert rows.preload() == "resident"
+    cached = rows._copies().resident
+    assert cached.device == dev and cached.dtype == getattr(torch, dtype)  # uploaded in the stored dtype
+    s, r = rows.topk(torch.from_numpy(q).to(dev), 20, "auto")
+    assert s.is_cuda and r.is_cuda
+    assert_exact_topk(q, stored, 20, s, r)
+    assert rows._copies().resident is cached  # uploaded once
+    assert DeviceRows(ix, torch.device("cuda"))._copies() is rows._copies()  # "cuda" and "cuda:N" are one GPU
+    Y = rows.gather(r)
+    assert Y.is_cuda and Y.dtype == torch.float32
+    np.testing.assert_array_equal(Y.cpu().numpy(), stored[r.cpu().numpy()])
+    s_np, r_np = search_index(ix, q, 20, device="cuda")
+    assert isinstance(s_np, np.ndarray) and s_np.shape == (4, 20)
+    assert rows._copies().resident is cached  # search_index shares the upload
+    s_cpu, _ = search_index(ix, q, 20)
+    np.testing.assert_allclose(s_np, s_cpu, atol=1e-6, rtol=0)
+    extra = unit_rows(5, DI, 82)
+    ix.add(extra, names("d", 5))  # invalidates the device copy
+    assert rows.residency() == "not loaded yet"
+    stored = np.concatenate([stored, extra.astype(dtype).astype(np.float32)])
+    s2, r2 = search_index(ix, torch.from_numpy(q).cuda(), 305)
+    assert r2.shape == (4, 305)
+    assert_exact_topk(q, stored, 305, s2, r2)
+    assert rows.residency() == "resident" and rows._copies().resident.shape[0] == 305
+    rows.release()
+    assert rows.residency() == "not loaded yet"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_streamed_rows_on_cuda_equal_resident(tmp_path, dtype, monkeypatch):
+    x = unit_rows(3000, 64, 83)
+    ix = new_index(tmp_path, [x], dtype)
+    stored = x.astype(dtype).astype(np.float32)
+    q = torch.from_numpy(unit_rows(6, 64, 84)).cuda()
+    dev = torch.device("cuda", torch.cuda.current_device())
+    resident = DeviceRows(ix, dev)
+    assert resident.preload() == "resident"
+    s_a, r_a = resident.topk(q, 100, "auto")
+    other = Index.open(ix.path)  # another Index object: its own copies
+    monkeypatch.setattr(rows_mod, "DEVICE_HEADROOM_BYTES", 1 << 60)  # nothing fits: stream from the host
+    streamed = DeviceRows(other, dev)
+    assert streamed.preload().startswith("streamed: ") and "do not fit" in streamed.residency()
+    assert streamed._copies().resident is None
+    s_b, r_b = streamed.topk(q, 100, "auto")
+    assert s_b.is_cuda and r_b.is_cuda
+    assert_exact_topk(q.cpu().numpy(), stored, 100, s_b, r_b)
+    np.testing.assert_allclose(s_b.cpu().numpy(), s_a.cpu().numpy(), atol=1e-6, rtol=0)
+    Y = streamed.gather(r_b)
+    assert Y.is_cuda
+    np.testing.assert_array_equal(Y.cpu().numpy(), stored[r_b.cpu().numpy()])

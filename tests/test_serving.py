@@ -16,7 +16,6 @@ from sgengine.backbone import plan_cache as pc
 from sgengine.bundle import Bundle
 from sgengine.compare import assert_rankings_agree
 from sgengine.errors import BackendUnavailableError, InputError
-from sgengine.index import device_room_shortfall
 from sgengine.precision import precision_report, topk_agreement
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -159,14 +158,6 @@ def test_auto_bf16_on_cpu_picks_torch_and_says_why(default_bundle):
     d = bb.describe()
     assert d["name"] == "torch" and d["precision"] == "bf16" and d["autocast"] == "bfloat16"
     assert "float32 graph only" in d["skipped"]["onnxruntime"]
-
-
-def test_device_room_shortfall():
-    dev = torch.device("cuda")
-    assert device_room_shortfall(dev, 4 << 30, free_bytes=80 << 30) is None
-    why = device_room_shortfall(dev, 70 << 30, free_bytes=72 << 30)
-    assert why is not None and "do not fit" in why and "70.00 GiB" in why
-    assert device_room_shortfall(torch.device("cpu"), 1 << 40) is None
 
 
 @pytest.mark.parametrize("prior", ["default", "generic tf32", "conv ieee via the new API", "legacy allow_tf32 off"])
@@ -334,10 +325,10 @@ def test_cuda_graph_cache_replays_eager_results():
 
 @cuda
 def test_gpu_streamed_index_equals_resident(serving_bundle, photo_index, monkeypatch):
-    import sgengine.index as index_mod
+    import sgengine.search.rows as rows_mod
     path, queries = photo_index
     gpu = Engine.load(serving_bundle, index=path, max_side=MAX_SIDE, device="cuda", backend="torch")
-    monkeypatch.setattr(index_mod, "DEVICE_HEADROOM_BYTES", 1 << 60)  # nothing fits: stream from the host
+    monkeypatch.setattr(rows_mod, "DEVICE_HEADROOM_BYTES", 1 << 60)  # nothing fits: stream from the host
     streamed = Engine.load(serving_bundle, index=Index.open(path), max_side=MAX_SIDE, device="cuda", backend="torch")
     assert streamed.describe()["index"]["rows"].startswith("streamed")
     for q in queries[:3]:
@@ -355,25 +346,31 @@ def test_gpu_reduced_precision_agreement(serving_bundle, photo_index, precision)
     assert rep["max_abs_err"] > 0 and rep["min_cosine"] > 0.98 and rep["topk_agreement"] >= 0.9, rep
 
 
-def test_rerank_first_stage_takes_a_runner():
-    """The engine hands rerank_first_stage a callable on CUDA (its graph replay); the ranking must be
-    the one the named implementation gives, NaN checks included."""
-    from sgengine.rerank import rerank_candidates_reference, rerank_first_stage
-    g = torch.Generator().manual_seed(5)
-    X = torch.nn.functional.normalize(torch.randn(300, 64, generator=g), dim=1)
-    q = torch.nn.functional.normalize(X[:3] + 0.3 * torch.randn(3, 64, generator=g), dim=1)
-    s, rows = torch.topk(q @ X.T, 120, dim=1)
-    calls = []
+def test_engine_reranks_with_the_callable_chosen_at_load(serving_bundle, photo_index):
+    """The rerank callable is resolved once, at load (on CUDA a graph replay); a search runs it once
+    on the first stage's candidates, and checks the scores it returns (a replay skips the checks)."""
+    path, queries = photo_index
+    eng = Engine.load(serving_bundle, index=path, max_side=MAX_SIDE, rerank_impl="reference")
+    assert eng.describe()["rerank_impl"] == "reference"
+    want = eng.search(queries[0], k=10)
+    chosen, calls = eng._rerank, []
 
     def runner(q_, Y_, K_, beta_):
-        calls.append(Y_.shape)
-        return rerank_candidates_reference(q_, Y_, K_, beta_)
+        calls.append(tuple(Y_.shape))
+        return chosen(q_, Y_, K_, beta_)
 
-    a = rerank_first_stage(q, s, rows, lambda top: X[top], 50, 9, 0.15, "reference")
-    b = rerank_first_stage(q, s, rows, lambda top: X[top], 50, 9, 0.15, runner)
-    assert calls == [(3, 50, 64)]
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    Xbad = X.clone()
-    Xbad[rows[1, 7]] = float("nan")
+    eng._rerank = runner
+    got = eng.search(queries[0], k=10, M=12)
+    assert calls == [(1, 12, eng.dim)]
+    full = eng.search(queries[0], k=10)
+    assert np.array_equal(full.rows, want.rows) and np.array_equal(full.scores, want.scores)
+
+    def broken(q_, Y_, K_, beta_):
+        order, f = chosen(q_, Y_, K_, beta_)
+        f[0, 3] = float("nan")
+        return order, f
+
+    eng._rerank = broken
     with pytest.raises(InputError, match="NaN or inf"):
-        rerank_first_stage(q, s, rows, lambda top: Xbad[top], 50, 9, 0.15, runner)
+        eng.search(queries[0], k=10)
+    assert got.rows.shape == (1, 10)

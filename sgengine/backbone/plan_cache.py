@@ -109,7 +109,7 @@ def lookup(directory: str | os.PathLike, key: PlanKey) -> PlanLookup:
     if size != meta.get("plan_bytes"):
         return PlanLookup("stale", plan, sidecar, f"{plan.name} is {size} bytes, its sidecar says "
                           f"{meta.get('plan_bytes')} (overwritten or truncated)", meta)
-    from ..bundle import sha256_file
+    from .._io import sha256_file
     if sha256_file(plan) != meta.get("plan_sha256"):
         return PlanLookup("stale", plan, sidecar, f"{plan.name} does not match the sha256 in its sidecar", meta)
     return PlanLookup("hit", plan, sidecar, "", meta)
@@ -118,9 +118,7 @@ def lookup(directory: str | os.PathLike, key: PlanKey) -> PlanLookup:
 def store(directory: str | os.PathLike, key: PlanKey, plan_bytes: bytes, **extra) -> PlanLookup:
     """Write a plan and then its sidecar, each atomically. A crash between the two leaves a plan
     without a sidecar, which lookup() calls stale: never a sidecar vouching for a half plan."""
-    import hashlib
-
-    from ..bundle import write_bytes_atomic
+    from .._io import write_bytes_atomic
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     base = slot_name(key.gpu, key.tensorrt, key.precision)
@@ -130,9 +128,9 @@ def store(directory: str | os.PathLike, key: PlanKey, plan_bytes: bytes, **extra
     except FileNotFoundError:
         pass
     data = bytes(plan_bytes)
-    write_bytes_atomic(plan, data)
+    plan_sha256 = write_bytes_atomic(plan, data)
     meta = {"version": SIDECAR_VERSION, **key.as_dict(), "plan_bytes": len(data),
-            "plan_sha256": hashlib.sha256(data).hexdigest(), **extra}
+            "plan_sha256": plan_sha256, **extra}
     write_bytes_atomic(sidecar, json.dumps(meta, indent=1, sort_keys=True).encode())
     return PlanLookup("hit", plan, sidecar, "", meta)
 
@@ -158,7 +156,7 @@ def decide(bundle, *, gpu: str, tensorrt: str, precision: str, plan_cache=None, 
     a BackendUnavailableError naming the reason (never a silent run of a plan for another graph).
     """
     from sgengine.export.tensorrt import profile_shapes
-    from ..bundle import sha256_file
+    from .._io import sha256_file
     from ..errors import BackendUnavailableError
     for p in bundle.tensorrt_plans:
         if (p.get("gpu"), p.get("tensorrt"), p.get("precision", "fp32")) == (gpu, tensorrt, precision) \

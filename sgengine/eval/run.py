@@ -14,6 +14,7 @@ SuperGlobal order and keeps the first-stage order below (SPEC 6.8).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -24,6 +25,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .._io import write_bytes_atomic
 from ..errors import InputError, SgengineError
 from .datasets import DatasetError, RevisitedDataset, load_distractors, load_revisited
 from .metrics import PROTOCOLS, compute_map_protocols
@@ -80,12 +82,9 @@ class DescriptorCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._seq += 1
         final = self.dir / f"part-{time.time_ns():020d}-{os.getpid()}-{self._seq:05d}.npz"
-        tmp = final.with_name(final.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, keys=np.asarray(list(keys), dtype=str), desc=np.asarray(desc, np.float32))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        buf = io.BytesIO()  # a part is a few images' descriptors: small enough to build in memory
+        np.savez(buf, keys=np.asarray(list(keys), dtype=str), desc=np.asarray(desc, np.float32))
+        write_bytes_atomic(final, buf.getvalue())
         return final
 
 
@@ -198,9 +197,9 @@ def full_ranking(Q: np.ndarray, X, *, device: str = "cpu", chunk_rows: int = 1 <
     return ranks.cpu().numpy().astype(dtype, copy=False)
 
 
-def _resolve_rerank_impl(impl: str, device: str) -> str:
+def _resolve_rerank_impl(impl: str, device: str, M: int) -> str:
     from ..rerank import resolve_impl
-    return resolve_impl(impl, device)
+    return resolve_impl(impl, device, M)
 
 
 def rerank_ranking(Q: np.ndarray, X: np.ndarray, ranks: np.ndarray, *, M: int, K: int, beta: float,
@@ -213,7 +212,7 @@ def rerank_ranking(Q: np.ndarray, X: np.ndarray, ranks: np.ndarray, *, M: int, K
     if n != len(Xb):
         raise InputError(f"ranks cover {n} database rows but the database has {len(Xb)}")
     m = min(int(M), n)
-    impl = _resolve_rerank_impl(impl, device)
+    impl = _resolve_rerank_impl(impl, device, m)
     out = ranks.copy()
     top = np.ascontiguousarray(ranks[:m].T)  # [nq, M'] in first-stage order, as SPEC 6.1 wants
     for s in range(0, nq, query_chunk):
@@ -292,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", help="auto, onnxruntime, torch or tensorrt (default auto)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads")
     p.add_argument("--batch-size", type=int, default=8, help="images per backbone batch (same-size images only)")
-    p.add_argument("--rerank-impl", default="auto", help="auto, cpu, triton or reference (default auto)")
+    p.add_argument("--rerank-impl", default="auto", help="auto, or one of sgengine.rerank.IMPLS: reference, cpu_fp32, cpu_bf16, triton (default auto)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -410,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     parts.append(f"search {t['search'] * 1e3 / max(nq, 1):.2f} ms/query")
     if "rerank" in t:
         parts.append(f"rerank {t['rerank'] * 1e3 / max(nq, 1):.2f} ms/query "
-                     f"(impl {_resolve_rerank_impl(a.rerank_impl, a.device)} on {a.device})")
+                     f"(impl {_resolve_rerank_impl(a.rerank_impl, a.device, min(M, len(X)))} on {a.device})")
     # One pass, no warm-up: first-call overheads are included (bench/ has the warmed medians).
     print("timings (one pass, wall clock): " + " | ".join(parts))
     if "plus1m" in info:

@@ -145,9 +145,11 @@ struct Engine::Impl {
                                                py::arg("beta") = optional_or_none(o.beta),
                                                py::arg("color_order") = color_order);
         Result out;
-        py::list ids = res.attr("ids");
-        auto rows = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(res.attr("rows"));
-        auto scores = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(res.attr("scores"));
+        // One query per call: the result's first (only) row.
+        py::object first = res.attr("__getitem__")(0);
+        py::list ids = first.attr("ids");
+        auto rows = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(first.attr("rows"));
+        auto scores = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(first.attr("scores"));
         if (!rows || !scores || rows.ndim() != 1 || scores.ndim() != 1 ||
             static_cast<size_t>(rows.size()) != ids.size() || static_cast<size_t>(scores.size()) != ids.size()) {
             throw Error("TypeError", "sgengine returned a result that is not one ranked list (ids/rows/scores differ)");

@@ -56,7 +56,7 @@ def compare_ranked(got: Ranked, want: Ranked, what: str, *, complete: bool = Fal
 
 def python_ranked(engine, query, k: int, **kw) -> Ranked:
     r = engine.search(query, k=k, **kw)
-    return [(str(i), float(s)) for i, s in zip(r.ids, r.scores)]
+    return [(str(i), float(s)) for i, s in zip(r.ids[0], r.scores[0])]
 
 
 def parse_rank_lines(out: str) -> Ranked:

@@ -1,4 +1,4 @@
-"""First-stage search (SPEC 5): exact top-k of S = X q over the database rows.
+"""Exact first stage (SPEC 5): top-k of S = X q over the database rows, with its reference beside it.
 
 `topk_similarity` streams the database in chunks of rows and keeps a running top-k per query,
 so memory is bounded by one chunk of scores (and one upcast chunk) however many rows there
@@ -6,7 +6,7 @@ are. A numpy array or memmap is wrapped in place with `torch.from_numpy`: nothin
 up front, and a memmap is paged in chunk by chunk. Only the top M reach the reranker, so a
 top-k selection is equivalent to the reference's full argsort (SPEC 5).
 
-Two ways to take the product with float16 rows, picked by `impl` (see `resolve_impl`):
+Two ways to take the product with float16 rows, named in IMPLS and picked by `resolve_impl`:
 - "upcast" (the reference; the only one on CPU): each chunk is copied to float32, then a
   float32 GEMM. Scores carry the error of a plain float32 product.
 - "split" (CUDA, float16 rows): the float32 query is split exactly into two float16 parts,
@@ -24,10 +24,11 @@ import warnings
 import numpy as np
 import torch
 
-from .cublas import ieee_if_cuda
-from .errors import BackendUnavailableError, InputError
+from .._checks import check_finite, check_int
+from ..cublas import ieee_if_cuda
+from ..errors import BackendUnavailableError, InputError
 
-__all__ = ["topk_similarity", "default_chunk_rows", "resolve_impl", "IMPLS"]
+__all__ = ["topk_similarity", "check_queries_and_database", "default_chunk_rows", "resolve_impl", "IMPLS"]
 
 IMPLS = ("auto", "upcast", "split")
 # hi carries the top 11 bits of q/e; the residual is below 2^-12, so scaling it by 2^12 keeps
@@ -50,7 +51,7 @@ def _mm_out_dtype_ok(device: torch.device) -> bool:
 
 
 def resolve_impl(impl: str, device: torch.device | str, db_dtype: torch.dtype | np.dtype | str) -> str:
-    """The product `topk_similarity` will use: "upcast" or "split".
+    """The product the first stage will use: "upcast" or "split".
 
     "auto" picks "split" for float16 rows searched on CUDA when torch supports float16 GEMMs
     with float32 output there, else "upcast". Asking for "split" where it cannot run on CUDA is
@@ -90,6 +91,7 @@ def _split_query(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     lo = ((qs - hi.to(torch.float32)) * _LO_SHIFT).to(torch.float16)
     return torch.cat([hi, lo], dim=0), e
 
+
 # Per-chunk working set: the [nq, chunk] score block and, when the rows need converting or
 # moving, the upcast float32 copy of the chunk. On the CPU 64 MiB keeps the GEMM at full speed.
 # On a GPU each chunk costs a handful of kernel launches, so chunks must be large: on an H200
@@ -106,16 +108,15 @@ def default_chunk_rows(nq: int, dim: int, *, needs_copy: bool, device: torch.dev
     return max(1024, budget // per_row)
 
 
-def _as_tensor(database) -> torch.Tensor:
+def as_rows_tensor(database: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A numpy array or memmap as a tensor sharing its memory (no copy); a tensor as it is."""
     if isinstance(database, torch.Tensor):
         return database
-    if isinstance(database, np.ndarray):
-        with warnings.catch_warnings():
-            # A read-only memmap is only ever read here; torch warns because it cannot
-            # prove that, not because anything is wrong.
-            warnings.filterwarnings("ignore", message=".*not writable.*")
-            return torch.from_numpy(database)
-    raise InputError(f"database must be a numpy array or torch.Tensor [N, D], got {type(database).__name__}")
+    with warnings.catch_warnings():
+        # A read-only memmap is only ever read here; torch warns because it cannot
+        # prove that, not because anything is wrong.
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        return torch.from_numpy(database)
 
 
 def check_queries_and_database(queries, database) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,7 +130,9 @@ def check_queries_and_database(queries, database) -> tuple[torch.Tensor, torch.T
         raise InputError(f"queries must be 2-D [nq, D], got shape {list(queries.shape)}")
     if not queries.is_floating_point():
         raise InputError(f"queries must be floating point, got {queries.dtype}")
-    db = _as_tensor(database)
+    if not isinstance(database, (np.ndarray, torch.Tensor)):
+        raise InputError(f"database must be a numpy array or torch.Tensor [N, D], got {type(database).__name__}")
+    db = as_rows_tensor(database)
     if db.ndim != 2:
         raise InputError(f"database must be 2-D [N, D], got shape {list(db.shape)}")
     if not db.is_floating_point():
@@ -154,26 +157,32 @@ def topk_similarity(queries: torch.Tensor, database: torch.Tensor | np.ndarray, 
     is unspecified (SPEC 6, ties).
     """
     queries, db = check_queries_and_database(queries, database)
-    n, dim = db.shape
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise InputError(f"k must be an integer, got {k!r}")
-    k = int(k)
+    n = db.shape[0]
+    k = check_int(k, "k")
     if n == 0:
         raise InputError("database is empty: nothing to search")
     if not 1 <= k <= n:
         raise InputError(f"k={k} must be between 1 and the number of database rows ({n})")
-    if chunk_rows is not None and (isinstance(chunk_rows, bool) or int(chunk_rows) < 1):
-        raise InputError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
-
-    device = queries.device
+    if chunk_rows is not None:
+        chunk_rows = check_int(chunk_rows, "chunk_rows", 1)
     q = queries.to(torch.float32)
-    if not bool(torch.isfinite(q).all()):
-        raise InputError("queries contain NaN or Inf")
+    check_finite(q, "queries")
+    mode = resolve_impl(impl, q.device, db.dtype)
+    return exact_topk(q, db, k, chunk_rows, mode)
+
+
+@torch.no_grad()
+def exact_topk(q: torch.Tensor, db: torch.Tensor, k: int, chunk_rows: int | None,
+               mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """topk_similarity's scan. Trusts its inputs: q [nq, D] float32 and finite, on the device the
+    product runs on; db [N, D] floating, any device; 1 <= k <= N; chunk_rows None or >= 1;
+    mode "upcast" or "split" (resolved for db's dtype and q's device)."""
+    device = q.device
     nq = q.shape[0]
+    n, dim = db.shape
     if nq == 0:
         return (torch.empty(0, k, dtype=torch.float32, device=device),
                 torch.empty(0, k, dtype=torch.int64, device=device))
-    mode = resolve_impl(impl, device, db.dtype)
     if mode == "split":
         Q, e = _split_query(q)
         native = device.type == "cuda"
@@ -181,8 +190,7 @@ def topk_similarity(queries: torch.Tensor, database: torch.Tensor | np.ndarray, 
         needs_copy = not native or db.device != device
     else:
         needs_copy = db.dtype != torch.float32 or db.device != device
-    step = int(chunk_rows) if chunk_rows is not None else default_chunk_rows(nq, dim, needs_copy=needs_copy, device=device)
-
+    step = chunk_rows if chunk_rows is not None else default_chunk_rows(nq, dim, needs_copy=needs_copy, device=device)
     step = min(step, n)
     # One float32 buffer reused for every chunk that needs upcasting or moving: allocating a
     # fresh one per chunk costs more than the conversion itself (first-touch page faults; on
