@@ -6,7 +6,7 @@
 #   bash bench/gpu_check.sh [OUTDIR] [SECTION...]   # default OUTDIR: bench/results/<date>-<gpu>
 #
 # Sections, in the order they run (default: all of them):
-#   kernels  pooling-head benchmark (the number issue 3 still lacks), Triton kernel tests, rerank benchmarks (~5 min)
+#   kernels  pooling-head benchmark, Triton kernel tests, rerank benchmarks (~5 min)
 #   serving  one 1024x768 query end to end per backend and precision over 1M float16 rows, the
 #            precision report on real photos, and the serving tests (~5 min)
 # A lent machine allows one command of at most 10 minutes: run one section per call when both do not fit.

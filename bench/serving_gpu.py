@@ -1,4 +1,4 @@
-"""Serving latency of one query on a GPU, per backend and precision (issue 6), in one run.
+"""Serving latency of one query on a GPU, per backend and precision, in one run.
 
     python bench/serving_gpu.py --out DIR                         # on the GPU machine (gpu_check.sh runs it)
     python bench/serving_gpu.py --device cpu --rows 5000 --seconds 2 --out /tmp/s   # smoke test anywhere

@@ -3,7 +3,7 @@
     engine = sgengine.Engine.load("bundle/", index="index/")
     result = engine.search("query.jpg", k=10)
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .engine import Engine, SearchResult  # noqa: E402
 from .errors import (BackendUnavailableError, BundleError, CheckpointError, ImageDecodeError,  # noqa: E402

@@ -319,12 +319,13 @@ class Engine:
                 out[chunk] = d.float()
         return out, notes
 
-    @_on_device
-    def embed_decoded(self, images: Sequence[DecodedImage], *, batch_size: int = 8,
-                      timer: _Timer | None = None) -> tuple[np.ndarray, list[list[str]]]:
+    def embed_decoded(self, images: Sequence[DecodedImage], *, batch_size: int = 8) -> tuple[np.ndarray, list[list[str]]]:
         """Decoded images -> (float32 [n, D] unit rows, notes per image). Equal sizes are batched together."""
-        batch_size = check_int(batch_size, "batch_size", 1)
-        timer = timer or _Timer(self.device)
+        return self._embed_decoded(images, check_int(batch_size, "batch_size", 1))
+
+    @_on_device
+    def _embed_decoded(self, images: Sequence[DecodedImage], batch_size: int) -> tuple[np.ndarray, list[list[str]]]:
+        timer = _Timer(self.device)
         out, notes = self._embed_on_device(images, batch_size=batch_size, timer=timer)
         timer.finish()
         return out.cpu().numpy(), notes
@@ -347,7 +348,7 @@ class Engine:
             chunk = items[start:start + 64]
             decoded = [self.decode(src, name=describe_source(src, start + j) if len(items) > 1 else None,
                                    color_order=color_order) for j, src in enumerate(chunk)]
-            out.append(self.embed_decoded(decoded, batch_size=batch_size)[0])
+            out.append(self._embed_decoded(decoded, batch_size)[0])
         return np.concatenate(out) if out else np.empty((0, self.dim), np.float32)
 
     # ---------------------------------------------------------------- search

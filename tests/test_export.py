@@ -61,7 +61,7 @@ def _photo_inputs(norm, min_side):
 
 
 def test_onnxruntime_descriptors_match_pytorch_spec(r50):
-    """The issue's Done-when: ORT descriptors within cosine 0.99999 of the PyTorch SPEC computation,
+    """The export's contract: ORT descriptors within cosine 0.99999 of the PyTorch SPEC computation,
     max diff <= 1e-3 of the smallest distance between descriptors of different photos."""
     b, model = r50["bundle"], r50["model"]
     backbone = load_backbone(b, device="cpu", backend="onnxruntime")

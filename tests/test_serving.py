@@ -1,4 +1,4 @@
-"""The serving path (issue 6): backend and precision selection with their errors, the TensorRT plan
+"""The serving path: backend and precision selection with their errors, the TensorRT plan
 cache's staleness rules, reduced-precision fidelity on real photos, and (on a GPU) the
 GPU-resident query against the CPU engine."""
 from __future__ import annotations
