@@ -6,21 +6,18 @@
 
 Shapes: N = 5000 database rows, D = 2048, K = 9, nq in {1, 70}, M in {100, 400, 1600}; the
 candidates are each query's exact first-stage top M of clustered unit vectors.
-Implementations:
+Providers:
 - "chain": `rerank_loop_chain`, one query at a time with full sorts, float64 (the transcription
   the tests compare against). It is slow, so it runs on a subset of the queries and reports
   extra_info["scale"] = subset / nq; bench/report.py divides by it (per-query work is
   independent, so the scaled time is the full batch's).
-- "reference": the batched plain PyTorch reference.
-- "cpu": the fast path (`sgengine.kernels.rerank_cpu`) as impl="cpu" runs it here: the certified
-  bfloat16 selection where `sgengine.rerank.cpu_path` says so (AVX512_BF16/AMX, M' >= 160),
-  else the float32 one; extra_info["path"] names it.
-- "cpu_fp32": the fast path with the float32 Gram and torch.topk (the previous default).
-- "cpu_bf16": the fast path with the certified bfloat16 selection (CPU only), at every M.
+- every implementation of `sgengine.rerank.IMPLS` under its own name, called through that table:
+  "reference" (the batched plain PyTorch reference), "cpu_fp32" (float32 Gram and torch.topk),
+  "cpu_bf16" (the certified bfloat16 selection, at every M; CPU with AVX512_BF16 only; "auto"
+  takes it from M' >= CERT_MIN_M) and "triton" (the GPU kernel, CUDA only).
+- "gram_matmul": the floor, one M x M x D float32 product per query (batched bmm); no implementation.
 Any call estimated over CALL_BUDGET_S (the chain mostly; everything at nq=70, M=1600) runs the
 same way on a subset of queries and is scaled.
-- "gram_matmul": the floor, one M x M x D float32 product per query (batched bmm).
-- "triton": the GPU kernel (CUDA variant only, when `sgengine.kernels.rerank_triton` imports).
 """
 from __future__ import annotations
 
@@ -30,7 +27,7 @@ import os
 import pytest
 import torch
 
-from sgengine.rerank import rerank_candidates_reference, rerank_loop_chain
+from sgengine.rerank import IMPLS, rerank_loop_chain
 from sgengine.search import topk_similarity
 
 N, D, K, BETA = 5000, 2048, 9, 0.15
@@ -72,26 +69,19 @@ def _est_seconds(impl: str, nq: int, M: int, device: str) -> float:
     # Relative cost (measured on the 2-core EPYC VM): float64 with full sorts, gathers, the fast paths.
     # Underestimating a fast path's speed left it 3 rounds where 20 fit, and on a machine whose
     # speed drifts, 3 rounds make a noisy median.
-    per = {"chain": 6.0, "reference": 2.5, "cpu": 0.2, "cpu_bf16": 0.2, "cpu_fp32": 0.4,
-           "gram_matmul": 0.35}.get(impl, 1.2)
+    per = {"chain": 6.0, "reference": 2.5, "cpu_bf16": 0.2, "cpu_fp32": 0.4, "gram_matmul": 0.35}.get(impl, 1.2)
     return per * gflop / rate + (2e-3 * nq if impl == "chain" else 0.0)
 
 
 def _impl_fn(impl: str):
+    """The provider `impl`: the chain, the Gram floor, or sgengine.rerank.IMPLS[impl] (the kernel
+    itself: the input checks of rerank_candidates are not timed)."""
     if impl == "chain":
         return lambda q, Y: rerank_loop_chain(q, Y, K, BETA, dtype=torch.float64)
-    if impl == "reference":
-        return lambda q, Y: rerank_candidates_reference(q, Y, K, BETA)
-    if impl in ("cpu", "cpu_fp32", "cpu_bf16"):
-        from sgengine.kernels.rerank_cpu import rerank_candidates_cpu
-        select = {"cpu": "auto", "cpu_fp32": "exact", "cpu_bf16": "certified"}[impl]
-        return lambda q, Y: rerank_candidates_cpu(q, Y, K, BETA, select=select)
-    if impl == "triton":
-        from sgengine.kernels.rerank_triton import rerank_candidates_triton
-        return lambda q, Y: rerank_candidates_triton(q, Y, K, BETA)
     if impl == "gram_matmul":
         return lambda q, Y: torch.bmm(Y, Y.transpose(1, 2))
-    raise ValueError(impl)
+    fn = IMPLS[impl]
+    return lambda q, Y: fn(q, Y, K, BETA)
 
 
 def _run(benchmark, impl: str, nq: int, M: int, device: str) -> None:
@@ -117,20 +107,17 @@ def _run(benchmark, impl: str, nq: int, M: int, device: str) -> None:
         "flops": 2 * nq * M * M * D, "scale": n_run / nq, "queries_run": n_run,
         "threads": torch.get_num_threads(),
     })
-    if impl == "cpu":
-        from sgengine.rerank import cpu_path
-        benchmark.extra_info["path"] = cpu_path(device, M) if device == "cpu" else "cpu_fp32"
     benchmark.pedantic(call, rounds=rounds, warmup_rounds=1 if est_run < 2 else 0, iterations=1)
 
 
-@pytest.mark.parametrize("impl", ["chain", "reference", "cpu", "cpu_fp32", "cpu_bf16", "gram_matmul"])
+@pytest.mark.parametrize("impl", ["chain", "reference", "cpu_fp32", "cpu_bf16", "gram_matmul"])
 @pytest.mark.parametrize("M", MS)
 @pytest.mark.parametrize("nq", NQS)
 def test_rerank_cpu_device(benchmark, nq, M, impl):
     if impl == "cpu_bf16":
-        from sgengine.kernels.rerank_cpu import certified_info
-        if not certified_info()["available"]:
-            pytest.skip("the certified path's C++ kernel is not built here")
+        from sgengine.kernels.rerank_cpu import certified_available, certified_info
+        if not certified_available():  # cpu_bf16 would run cpu_fp32: not a cpu_bf16 number
+            pytest.skip(f"the certified path does not run here: {certified_info()['error']}")
     _run(benchmark, impl, nq, M, "cpu")
 
 
@@ -143,7 +130,7 @@ def _triton_ok() -> bool:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("impl", ["chain", "reference", "cpu", "triton", "gram_matmul"])
+@pytest.mark.parametrize("impl", ["chain", "reference", "cpu_fp32", "triton", "gram_matmul"])
 @pytest.mark.parametrize("M", MS)
 @pytest.mark.parametrize("nq", NQS)
 def test_rerank_cuda(benchmark, nq, M, impl):

@@ -1,5 +1,5 @@
 # Native CPU kernels: the Python extensions sgengine.kernels._cpu (kernels/cpu/gem.cpp, pooling head)
-# and sgengine.kernels._rerank_cpu (kernels/cpu/rerank_select.cpp, certified rerank neighbours).
+# and sgengine.kernels._rerank_cpu (kernels/cpu/rerank_select.cpp, the certified bfloat16 rerank).
 # Included from the top-level CMakeLists.txt in wheel/editable builds and plain CMake builds alike
 # (a plain build compiles it as a check and installs it nowhere useful; it is harmless there).
 #

@@ -1,25 +1,27 @@
 // Fused Regional-GeM + GeM+ pooling head on the CPU (SPEC 3.3-3.4): sgengine.kernels._cpu.
 //
-//   R = 0.5 P + 0.5 F,  P = (mean over the 5x5 window of F^2.5, ReflectionPad 2)^(1/2.5)
-//   g = (mean over positions of max(R, 1e-8)^4.6)^(1/4.6)                     -> [B, C] float32
+//   R = m P + (1 - m) F,  P = (mean over the 5x5 window of F^p, ReflectionPad 2)^(1/p)
+//   g = (mean over positions of max(R, eps)^q)^(1/q)                          -> [B, C] float32
 //
-// One pass per channel plane (or per block of 16 channels for channels-last maps), all in L1/L2:
-// F^2.5 as F*F*sqrt(F) into a row-padded buffer, 5-row sums into a column-padded buffer, 5-column
-// sums, then the mix, clamp, ^4.6 and the mean. The two fractional powers go through log2/exp2
-// polynomials written so that GCC vectorizes them (no libm calls in the inner loops).
+// p, m, q, eps come in as arguments (sgengine.head owns them: 2.5, 0.5, 4.6, 1e-8). One pass per
+// channel plane (or per block of 16 channels for channels-last maps), all in L1/L2: F^p into a
+// row-padded buffer, 5-row sums into a column-padded buffer, 5-column sums, then the mix, clamp,
+// ^q and the mean. The fractional powers go through log2/exp2 polynomials written so that GCC
+// vectorizes them (no libm calls in the inner loops); F^2.5 is F*F*sqrt(F).
 //
 // Numerics (why the build needs no -ffast-math):
-// - the polynomials are accurate to a few float32 ulps on the ranges they see (box >= 1e-30 after
-//   the clamp, 2R >= 2e-8), and the sum over positions is taken in double, so the result sits
-//   within the float32 PyTorch head's own rounding error of the float64 head;
+// - the polynomials are accurate to a few float32 ulps on the ranges they see (box >= the floor,
+//   R' >= eps'), and the sum over positions is taken in double, so the result sits within the
+//   float32 PyTorch head's own rounding error of the float64 head;
 // - planes holding NaN, inf or negative values never reach the polynomials: a per-plane check
 //   sends them to a scalar std::pow path that propagates NaN/inf exactly as PyTorch's float32 head
-//   does (the Python wrapper then rejects the descriptor);
+//   does (sgengine.head.gem_pool then rejects the descriptor);
 // - finite maps whose powers overflow float32 (F above ~1e15 for F^2.5, R above ~2e8 for R^4.6)
 //   give inf, as the float32 reference does: exp2 saturates to inf past 2^128.
 //
 // ISA: the kernel is compiled three times (x86-64 baseline, AVX2+FMA, AVX-512) from the same
 // inline code and picked at run time with __builtin_cpu_supports, so the wheel needs no -march.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -28,6 +30,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -53,57 +56,60 @@ SG_INLINE int reflect(int k, int n) {
   return k >= n ? 2 * (n - 1) - k : k;
 }
 
-SG_INLINE float finish(double sum, int hw) {
-  return static_cast<float>(0.5 * std::pow(sum / hw, kInvGemP));
+SG_INLINE float finish(double sum, int hw, const Head& hd) {
+  return static_cast<float>(hd.out_scale * std::pow(sum / hw, hd.inv_gemp_p));
 }
 
 // The float32 reference, one plane at a time, with std::pow: for planes outside the domain.
-float plane_scalar(const float* x, int64_t sh, int64_t sw, int h, int w) {
-  const float inv_area = 1.0f / (kSize * kSize);
+float plane_scalar(const float* x, int64_t sh, int64_t sw, int h, int w, const Head& hd) {
+  const float inv_area = 1.0f / (kWindow * kWindow);
+  const int r = kWindow / 2;
   double sum = 0.0;
   for (int i = 0; i < h; ++i) {
     for (int j = 0; j < w; ++j) {
       float acc = 0.0f;
-      for (int di = -2; di <= 2; ++di)
-        for (int dj = -2; dj <= 2; ++dj)
-          acc += std::pow(x[reflect(i + di, h) * sh + reflect(j + dj, w) * sw], 2.5f);
+      for (int di = -r; di <= r; ++di)
+        for (int dj = -r; dj <= r; ++dj)
+          acc += std::pow(x[reflect(i + di, h) * sh + reflect(j + dj, w) * sw], hd.rgem_p);
       const float f = x[i * sh + j * sw];
-      const float r = 0.5f * std::pow(acc * inv_area, 0.4f) + 0.5f * f;
-      const float c = std::isnan(r) ? r : std::max(r, 1e-8f);
-      sum += std::pow(c, kGemP);
+      const float v = hd.rgem_mix * std::pow(acc * inv_area, hd.inv_rgem_p) + (1.0f - hd.rgem_mix) * f;
+      const float c = std::isnan(v) ? v : std::max(v, hd.gemp_eps);
+      sum += std::pow(c, hd.gemp_p);
     }
   }
-  return static_cast<float>(std::pow(sum / (h * w), kInvGemP));
+  return static_cast<float>(std::pow(sum / (h * w), hd.inv_gemp_p));
 }
 
 struct Scratch {
   std::vector<float> u, v, y, x;
-  void reserve(size_t nu, size_t nv, size_t ny) {
+  void reserve(size_t nu, size_t nv, size_t ny, size_t nx) {
     if (u.size() < nu) u.resize(nu);
     if (v.size() < nv) v.resize(nv);
     if (y.size() < ny) y.resize(ny);
-    if (x.size() < ny) x.resize(ny);
+    if (x.size() < nx) x.resize(nx);
   }
 };
 
 // ---------------------------------------------------------------------------- NCHW planes
-// x: one plane, rows sh apart, columns contiguous. Lanes of the sum run along positions.
-SG_INLINE float plane_rows(const float* __restrict x, int64_t sh, int h, int w, Scratch& s) {
+// x: one contiguous h x w plane. Lanes of the sum run along positions.
+template <bool Pow25>
+SG_INLINE float plane_rows(const float* __restrict x, int h, int w, Scratch& s, const Head& hd) {
   const int wp = w + 4;
-  float* __restrict U = s.u.data();  // [h + 4][w]  F^2.5, rows reflected
+  float* __restrict U = s.u.data();  // [h + 4][w]  F^p, rows reflected
   float* __restrict V = s.v.data();  // [h][w + 4]  5-row sums, columns reflected
-  float* __restrict Y = s.y.data();  // [h * w]     window sums, then (2R)^4.6
+  float* __restrict Y = s.y.data();  // [h * w]     window sums, then R'^q
+  const float p = hd.rgem_p;
   int bad = 0;
   for (int i = 0; i < h; ++i) {
-    const float* __restrict xr = x + i * sh;
+    const float* __restrict xr = x + i * w;
     float* __restrict ur = U + (i + 2) * w;
     for (int j = 0; j < w; ++j) {
       const float f = xr[j];
       bad |= outside_domain(f);
-      ur[j] = pow25(f);
+      ur[j] = rgem_pow<Pow25>(f, p);
     }
   }
-  if (bad) return plane_scalar(x, sh, 1, h, w);
+  if (bad) return plane_scalar(x, w, 1, h, w, hd);
   std::memcpy(U, U + 4 * w, w * sizeof(float));
   std::memcpy(U + w, U + 3 * w, w * sizeof(float));
   std::memcpy(U + (h + 2) * w, U + h * w, w * sizeof(float));
@@ -125,14 +131,8 @@ SG_INLINE float plane_rows(const float* __restrict x, int64_t sh, int h, int w, 
     float* __restrict yr = Y + i * w;
     for (int j = 0; j < w; ++j) yr[j] = a[j] + a[j + 1] + a[j + 2] + a[j + 3] + a[j + 4];
   }
-  const float* __restrict X = x;
-  if (sh != w) {  // rows of a strided plane packed once, so the tail reads one contiguous run
-    float* __restrict xc = s.x.data();
-    for (int i = 0; i < h; ++i) std::memcpy(xc + i * w, x + i * sh, w * sizeof(float));
-    X = xc;
-  }
   const int n = h * w;
-  gem_terms(Y, X, n);
+  gem_terms<Pow25>(Y, x, n, hd);
   // Sum in double lanes: no reassociation is needed for the vectorizer, and the total over up to
   // thousands of positions keeps full float32 accuracy.
   double lane[kLanes] = {0.0};
@@ -142,22 +142,23 @@ SG_INLINE float plane_rows(const float* __restrict x, int64_t sh, int h, int w, 
   for (int l = 0; k + l < n; ++l) lane[l] += static_cast<double>(Y[k + l]);
   double sum = 0.0;
   for (int l = 0; l < kLanes; ++l) sum += lane[l];
-  return finish(sum, n);
+  return finish(sum, n, hd);
 }
 
 // ---------------------------------------------------------------------------- channels-last
-// x points at channel c0 of position (0, 0); positions sh / sw apart, channels contiguous.
+// x points at channel c0 of position (0, 0) of a [h][w][C] map; positions sh / sw apart.
 // L channels are carried side by side through every step, so each step is L-wide vector work
 // and the map is read in 4*L-byte runs with no layout copy.
-template <int L>
+template <int L, bool Pow25>
 SG_INLINE void block_cl(const float* __restrict x, int64_t sh, int64_t sw, int h, int w,
-                        Scratch& s, float* out) {
+                        Scratch& s, float* out, const Head& hd) {
   const int wp = w + 4;
   const size_t row = static_cast<size_t>(w) * L;
-  float* __restrict U = s.u.data();  // [h + 4][w][L]  F^2.5, rows reflected
+  float* __restrict U = s.u.data();  // [h + 4][w][L]  F^p, rows reflected
   float* __restrict V = s.v.data();  // [h][w + 4][L]  5-row sums, columns reflected
   float* __restrict X = s.x.data();  // [h][w][L]      F, packed
-  float* __restrict Y = s.y.data();  // [w][L]         one row of window sums, then (2R)^4.6
+  float* __restrict Y = s.y.data();  // [w][L]         one row of window sums, then R'^q
+  const float p = hd.rgem_p;
   int bad = 0;
   for (int i = 0; i < h; ++i)
     for (int j = 0; j < w; ++j) {
@@ -168,11 +169,11 @@ SG_INLINE void block_cl(const float* __restrict x, int64_t sh, int64_t sw, int h
         const float f = xp[l];
         bad |= outside_domain(f);
         xq[l] = f;
-        up[l] = pow25(f);
+        up[l] = rgem_pow<Pow25>(f, p);
       }
     }
   if (bad) {
-    for (int l = 0; l < L; ++l) out[l] = plane_scalar(x + l, sh, sw, h, w);
+    for (int l = 0; l < L; ++l) out[l] = plane_scalar(x + l, sh, sw, h, w, hd);
     return;
   }
   std::memcpy(U, U + 4 * row, row * sizeof(float));
@@ -195,53 +196,61 @@ SG_INLINE void block_cl(const float* __restrict x, int64_t sh, int64_t sw, int h
   for (int i = 0; i < h; ++i) {  // row by row: the row buffer stays in L1
     const float* __restrict a = V + static_cast<size_t>(i) * wp * L;
     for (size_t k = 0; k < row; ++k) Y[k] = a[k] + a[k + L] + a[k + 2 * L] + a[k + 3 * L] + a[k + 4 * L];
-    gem_terms(Y, X + i * row, static_cast<int>(row));
+    gem_terms<Pow25>(Y, X + i * row, static_cast<int>(row), hd);
     for (int j = 0; j < w; ++j)
       for (int l = 0; l < L; ++l) sum[l] += static_cast<double>(Y[j * L + l]);
   }
-  for (int l = 0; l < L; ++l) out[l] = finish(sum[l], h * w);
+  for (int l = 0; l < L; ++l) out[l] = finish(sum[l], h * w, hd);
 }
 
 // ---------------------------------------------------------------------------- work ranges
 struct Job {
-  const float* x;
-  float* out;  // [B, C] contiguous
-  int64_t B, C, h, w, sb, sc, sh, sw;
+  const float* x;  // [B, C, h, w] or, channels-last, [B, h, w, C]; contiguous
+  float* out;      // [B, C] contiguous
+  int64_t B, C, h, w;
   bool channels_last;
+  Head head;
   int64_t blocks_per_item() const { return channels_last ? (C + kLanes - 1) / kLanes : C; }
   int64_t items() const { return B * blocks_per_item(); }
 };
 
+template <bool Pow25>
 SG_INLINE void run_range(const Job& jb, int64_t begin, int64_t end) {
   const int h = static_cast<int>(jb.h), w = static_cast<int>(jb.w);
+  const int64_t plane = jb.h * jb.w;
   Scratch s;
   const size_t lanes = jb.channels_last ? kLanes : 1;
-  s.reserve((h + 4) * w * lanes, h * (w + 4) * lanes, static_cast<size_t>(h) * w * lanes);
+  s.reserve((h + 4) * w * lanes, h * (w + 4) * lanes, static_cast<size_t>(w) * lanes * (jb.channels_last ? 1 : h),
+            jb.channels_last ? static_cast<size_t>(h) * w * lanes : 0);
   const int64_t per = jb.blocks_per_item();
   for (int64_t it = begin; it < end; ++it) {
     const int64_t b = it / per, blk = it % per;
     if (!jb.channels_last) {
-      jb.out[b * jb.C + blk] = plane_rows(jb.x + b * jb.sb + blk * jb.sc, jb.sh, h, w, s);
+      jb.out[b * jb.C + blk] = plane_rows<Pow25>(jb.x + (b * jb.C + blk) * plane, h, w, s, jb.head);
       continue;
     }
-    const int64_t c0 = blk * kLanes;
-    const float* xb = jb.x + b * jb.sb + c0;
+    const int64_t c0 = blk * kLanes, sw = jb.C, sh = jb.w * jb.C;
+    const float* xb = jb.x + b * plane * jb.C + c0;
     float* ob = jb.out + b * jb.C + c0;
     if (c0 + kLanes <= jb.C) {
-      block_cl<kLanes>(xb, jb.sh, jb.sw, h, w, s, ob);
+      block_cl<kLanes, Pow25>(xb, sh, sw, h, w, s, ob, jb.head);
     } else {
-      for (int64_t c = c0; c < jb.C; ++c) block_cl<1>(xb + (c - c0), jb.sh, jb.sw, h, w, s, ob + (c - c0));
+      for (int64_t c = c0; c < jb.C; ++c)
+        block_cl<1, Pow25>(xb + (c - c0), sh, sw, h, w, s, ob + (c - c0), jb.head);
     }
   }
 }
 
-void run_range_baseline(const Job& jb, int64_t begin, int64_t end) { run_range(jb, begin, end); }
-#if SG_X86_DISPATCH
-SG_TARGET_AVX2 void run_range_avx2(const Job& jb, int64_t begin, int64_t end) { run_range(jb, begin, end); }
-SG_TARGET_AVX512 void run_range_avx512(const Job& jb, int64_t begin, int64_t end) { run_range(jb, begin, end); }
-#endif
-
 using RangeFn = void (*)(const Job&, int64_t, int64_t);
+
+void range_baseline_p25(const Job& jb, int64_t b, int64_t e) { run_range<true>(jb, b, e); }
+void range_baseline_any(const Job& jb, int64_t b, int64_t e) { run_range<false>(jb, b, e); }
+#if SG_X86_DISPATCH
+SG_TARGET_AVX2 void range_avx2_p25(const Job& jb, int64_t b, int64_t e) { run_range<true>(jb, b, e); }
+SG_TARGET_AVX2 void range_avx2_any(const Job& jb, int64_t b, int64_t e) { run_range<false>(jb, b, e); }
+SG_TARGET_AVX512 void range_avx512_p25(const Job& jb, int64_t b, int64_t e) { run_range<true>(jb, b, e); }
+SG_TARGET_AVX512 void range_avx512_any(const Job& jb, int64_t b, int64_t e) { run_range<false>(jb, b, e); }
+#endif
 
 std::vector<std::string> supported_isas() {
   std::vector<std::string> isas;
@@ -256,49 +265,83 @@ std::vector<std::string> supported_isas() {
   return isas;
 }
 
-RangeFn pick(const std::string& isa) {
+RangeFn pick(const std::string& isa, bool pow25) {
   const auto ok = supported_isas();
   std::string want = isa == "auto" ? ok.front() : isa;
   if (std::find(ok.begin(), ok.end(), want) == ok.end())
-    throw py::value_error("sgengine.kernels._cpu: isa '" + isa + "' is not available on this CPU (have: " +
+    throw py::value_error("gem_pool: isa '" + isa + "' is not available on this CPU (have: " +
                           py::str(py::cast(ok)).cast<std::string>() + ")");
 #if SG_X86_DISPATCH
-  if (want == "avx512") return run_range_avx512;
-  if (want == "avx2") return run_range_avx2;
+  if (want == "avx512") return pow25 ? range_avx512_p25 : range_avx512_any;
+  if (want == "avx2") return pow25 ? range_avx2_p25 : range_avx2_any;
 #endif
-  return run_range_baseline;
+  return pow25 ? range_baseline_p25 : range_baseline_any;
 }
 
-void gem_pool(uintptr_t data, std::vector<int64_t> sizes, std::vector<int64_t> strides, uintptr_t out,
-              int threads, const std::string& isa) {
-  if (sizes.size() != 4 || strides.size() != 4)
-    throw py::value_error("gem_pool: expected sizes and strides of a [B, C, h, w] map");
-  Job jb{reinterpret_cast<const float*>(data), reinterpret_cast<float*>(out),
-         sizes[0], sizes[1], sizes[2], sizes[3], strides[0], strides[1], strides[2], strides[3], false};
-  if (jb.h < 3 || jb.w < 3)
-    throw py::value_error("gem_pool: map " + std::to_string(jb.h) + "x" + std::to_string(jb.w) +
-                          " is below 3x3 (reflection padding needs h, w >= 3)");
-  if (jb.B < 0 || jb.C < 0) throw py::value_error("gem_pool: negative sizes");
-  // A row-contiguous plane runs the NCHW path; channel-contiguous positions the channels-last
-  // path (size-1 channel dims count as either). Anything else: the caller makes it contiguous.
-  if (jb.sw == 1 && jb.C > 1 && jb.sc != 1) {
-    jb.channels_last = false;
-  } else if (jb.sc == 1 || jb.C == 1) {
-    jb.channels_last = jb.sw != 1;
-    if (jb.C == 1 && jb.sw != 1 && jb.sc != 1) jb.sc = 1;  // unused stride of a size-1 dim
-  } else {
-    throw py::value_error("gem_pool: the map needs unit stride along w (NCHW) or C (channels-last), got strides (" +
-                          std::to_string(jb.sb) + ", " + std::to_string(jb.sc) + ", " + std::to_string(jb.sh) +
-                          ", " + std::to_string(jb.sw) + ")");
-  }
-  RangeFn fn = pick(isa);
+// ---------------------------------------------------------------------------- binding
+std::string shape_str(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t k = 0; k < a.ndim(); ++k) s += (k ? ", " : "") + std::to_string(a.shape(k));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+// A float32, C-contiguous array of `ndim` dimensions, or a ValueError that names the argument.
+// No conversion: a wrong dtype or layout is the caller's mistake, not something to copy silently.
+py::array_t<float> float_array(const py::array& a, const char* name, int ndim, const char* dims) {
+  if (a.ndim() != ndim)
+    throw py::value_error(std::string("gem_pool: ") + name + " must have " + std::to_string(ndim) + " dimensions " +
+                          dims + ", got shape " + shape_str(a));
+  if (!a.dtype().is(py::dtype::of<float>()))
+    throw py::value_error(std::string("gem_pool: ") + name + " must be float32, got " +
+                          py::str(a.dtype()).cast<std::string>());
+  if (!(a.flags() & py::array::c_style))
+    throw py::value_error(std::string("gem_pool: ") + name + " must be C-contiguous (shape " + shape_str(a) +
+                          "); pass a contiguous copy");
+  return py::reinterpret_borrow<py::array_t<float>>(a);
+}
+
+std::string num(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.9g", v);
+  return buf;
+}
+
+void check_positive(double v, const char* name) {
+  if (!(v > 0.0 && std::isfinite(v)))
+    throw py::value_error(std::string("gem_pool: ") + name + " must be a positive finite number, got " + num(v));
+}
+
+py::array_t<float> gem_pool(const py::array& x_in, bool channels_last, double rgem_p, int rgem_size,
+                            double rgem_mix, double gemp_p, double gemp_eps, int threads, const std::string& isa) {
+  py::array_t<float> x = float_array(x_in, "x", 4, channels_last ? "[B, h, w, C]" : "[B, C, h, w]");
+  check_positive(rgem_p, "rgem_p");
+  check_positive(gemp_p, "gemp_p");
+  if (rgem_size != kWindow)
+    throw py::value_error("gem_pool: rgem_size = " + std::to_string(rgem_size) + " is not implemented (the kernel's "
+                          "window is " + std::to_string(kWindow) + "x" + std::to_string(kWindow) + ", SPEC 3.3)");
+  if (!(rgem_mix > 0.0 && rgem_mix < 1.0))
+    throw py::value_error("gem_pool: rgem_mix must be in (0, 1), got " + num(rgem_mix));
+  if (!(gemp_eps / (1.0 - rgem_mix) >= FLT_MIN && std::isfinite(gemp_eps)))
+    throw py::value_error("gem_pool: gemp_eps must be a positive normal float32, got " + num(gemp_eps));
+  if (threads < 1) throw py::value_error("gem_pool: threads must be >= 1, got " + std::to_string(threads));
+  const int64_t B = x.shape(0);
+  const int64_t C = channels_last ? x.shape(3) : x.shape(1);
+  const int64_t h = channels_last ? x.shape(1) : x.shape(2);
+  const int64_t w = channels_last ? x.shape(2) : x.shape(3);
+  if (h < 3 || w < 3)
+    throw py::value_error("gem_pool: x has h x w = " + std::to_string(h) + "x" + std::to_string(w) +
+                          " (shape " + shape_str(x) + "), but reflection padding needs h, w >= 3");
+  if (h * w > (int64_t{1} << 30)) throw py::value_error("gem_pool: x has over 2^30 positions per plane");
+  RangeFn fn = pick(isa, rgem_p == 2.5);
+  py::array_t<float> out({B, C});
+  Job jb{x.data(), out.mutable_data(), B, C, h, w, channels_last, make_head(rgem_p, rgem_mix, gemp_p, gemp_eps)};
   const int64_t n = jb.items();
-  if (n == 0) return;
-  int nt = std::max(1, std::min<int>(threads, static_cast<int>(std::min<int64_t>(n, 1 << 16))));
+  if (n == 0) return out;
+  const int nt = std::max(1, std::min<int>(threads, static_cast<int>(std::min<int64_t>(n, 1 << 16))));
   py::gil_scoped_release release;
   if (nt == 1) {
     fn(jb, 0, n);
-    return;
+    return out;
   }
   // Contiguous static ranges: one scratch per thread, neighbouring planes on one core.
 #ifdef _OPENMP
@@ -313,16 +356,19 @@ void gem_pool(uintptr_t data, std::vector<int64_t> sizes, std::vector<int64_t> s
   fn(jb, 0, n / nt);
   for (auto& th : pool) th.join();
 #endif
+  return out;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
-  m.doc() = "Fused R-GeM + GeM+ pooling head on the CPU (sgengine.kernels.gem_cpu wraps it)";
-  m.def("gem_pool", &gem_pool, py::arg("data_ptr"), py::arg("sizes"), py::arg("strides"), py::arg("out_ptr"),
-        py::arg("threads") = 1, py::arg("isa") = "auto",
-        "R-GeM + GeM+ of a float32 [B, C, h, w] map at data_ptr (element strides; unit stride along w or C)\n"
-        "into a contiguous float32 [B, C] buffer at out_ptr. The caller keeps both alive; the GIL is released.");
+  m.doc() = "Fused R-GeM + GeM+ pooling head on the CPU (sgengine.kernels.gem_cpu.gem_pool_cpu_native wraps it)";
+  m.def("gem_pool", &gem_pool, py::arg("x"), py::arg("channels_last"), py::arg("rgem_p"), py::arg("rgem_size"),
+        py::arg("rgem_mix"), py::arg("gemp_p"), py::arg("gemp_eps"), py::arg("threads") = 1, py::arg("isa") = "auto",
+        "R-GeM + GeM+ of a float32 C-contiguous map x: [B, C, h, w], or [B, h, w, C] with channels_last\n"
+        "-> float32 [B, C]. The head's constants come from sgengine.head. Raises ValueError naming the\n"
+        "argument for a wrong dtype, layout or shape (h, w >= 3), an unsupported constant, threads < 1 or an\n"
+        "isa this CPU lacks. Releases the GIL while it runs.");
   m.def("isas", &supported_isas, "Instruction sets this CPU runs, best first ('auto' picks the first).");
 #ifdef _OPENMP
   m.attr("threading") = "openmp";

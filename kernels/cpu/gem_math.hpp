@@ -1,7 +1,9 @@
-// Pointwise math of the fused pooling head (kernels/cpu/gem.cpp): vectorizable log2/exp2 and the
-// per-position term. Header-only and free of Python so a C++ check can include it.
+// Pointwise math of the fused pooling head (kernels/cpu/gem.cpp): vectorizable log2/exp2, the
+// head's constants as the kernel uses them, and the per-position term. Header-only and free of
+// Python so a C++ check can include it.
 #pragma once
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -22,20 +24,49 @@
 
 namespace sgengine_gem {
 
-constexpr int kSize = 5;                     // R-GeM window (SPEC 3.3)
-constexpr float kTiny = 1e-30f;              // box-sum floor before log2 (see gem_term)
-constexpr float kTwoEps = 2e-8f;             // GeM+ clamp on 2R (the 0.5 of the mix is moved out)
-constexpr float kInvRgemP = 0.4f;            // 1 / 2.5
-constexpr float kLog2MeanScale = -1.8575424759098897f;  // 0.4 * log2(1/25): (box/25)^0.4
-constexpr float kGemP = 4.6f;
-constexpr double kInvGemP = 1.0 / 4.6;
-constexpr int kLanes = 16;                   // channels per channels-last block; sum lanes per plane
+constexpr int kWindow = 5;    // the R-GeM window the kernel implements (ReflectionPad 2, 5 taps)
+constexpr int kLanes = 16;    // channels per channels-last block; sum lanes per plane
+
+// SPEC 3.3-3.4's constants (received from sgengine.head, never written here) in the form the
+// kernel uses them. With m = rgem_mix and R' = R / (1 - m):
+//   R' = F + 2^(log2(box) / p + log2_scale),  log2_scale = log2(m / (1 - m)) - 2 log2(size) / p
+// (box: the window sum of F^p, so box / size^2 is the mean), clamped at eps' = eps / (1 - m), and
+//   g = (1 - m) (mean R'^q)^(1/q).
+// Moving the (1 - m) out of the per-position work costs nothing and changes no comparison.
+struct Head {
+  float rgem_p, inv_rgem_p, log2_scale, eps_scaled, gemp_p;
+  double inv_gemp_p, out_scale;
+  // Mix and eps as given, for the scalar path that follows the reference step by step.
+  float rgem_mix, gemp_eps;
+  // The box-sum floor before log2: fast_log2 needs a positive normal float. For p = 2.5 the floor
+  // only bites where every F of the window is below 1e-12, where R < eps and the GeM+ clamp
+  // decides the value anyway. Other p: FLT_MIN, and an exactly zero window gives P = 0.
+  float box_floor;
+  bool pow25;  // rgem_p == 2.5: F^p as F*F*sqrt(F)
+};
+
+inline Head make_head(double rgem_p, double rgem_mix, double gemp_p, double gemp_eps) {
+  Head h;
+  h.rgem_p = static_cast<float>(rgem_p);
+  h.inv_rgem_p = static_cast<float>(1.0 / rgem_p);
+  h.log2_scale = static_cast<float>(std::log2(rgem_mix / (1.0 - rgem_mix)) -
+                                    2.0 * std::log2(static_cast<double>(kWindow)) / rgem_p);
+  h.eps_scaled = static_cast<float>(gemp_eps / (1.0 - rgem_mix));
+  h.gemp_p = static_cast<float>(gemp_p);
+  h.inv_gemp_p = 1.0 / gemp_p;
+  h.out_scale = 1.0 - rgem_mix;
+  h.rgem_mix = static_cast<float>(rgem_mix);
+  h.gemp_eps = static_cast<float>(gemp_eps);
+  h.pow25 = rgem_p == 2.5;
+  h.box_floor = h.pow25 ? 1e-30f : FLT_MIN;
+  return h;
+}
 
 SG_INLINE float as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 SG_INLINE uint32_t as_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
 
-// log2 of a positive normal float (or +inf, which gives 128: only reached when F^2.5 overflowed,
-// and then R^4.6 overflows too). a = 2^k m with m in [2/3, 4/3), found with integer ops only
+// log2 of a positive normal float (or +inf, which gives 128: only reached when F^p overflowed,
+// and then R^q overflows too). a = 2^k m with m in [2/3, 4/3), found with integer ops only
 // (no select, so the vectorizer does not evaluate two tails); then ln m = 2 atanh(t),
 // t = (m-1)/(m+1) in [-0.2, 0.143], as t * g(t^2) with g a degree-3 fit (relative error
 // 2.4e-9; fitted near-minimax on [0, 0.04] by Lawson-reweighted least squares).
@@ -72,25 +103,36 @@ SG_INLINE float fast_exp2(float y) {
   return p * s1 * s2;
 }
 
-SG_INLINE float pow25(float v) { return v * v * std::sqrt(v); }
+// F^p for 0 <= F <= FLT_MAX. p = 2.5 (SPEC) is F*F*sqrt(F): exact to rounding, and ~3x cheaper
+// than the log2/exp2 pair. Other p: 0 stays 0; a subnormal F is raised to FLT_MIN, which moves
+// the window's power mean by at most ~FLT_MIN.
+template <bool Pow25>
+SG_INLINE float rgem_pow(float v, float p) {
+  if (Pow25) return v * v * std::sqrt(v);
+  const float r = fast_exp2(p * fast_log2(v > FLT_MIN ? v : FLT_MIN));
+  return v > 0.0f ? r : 0.0f;
+}
 
-// y[k] = (2R)^4.6 from the window sum y[k] and the centre value x[k], in place over n positions:
-// P = (box / 25)^0.4, 2R = P + F, clamped at 2e-8.
-// The box floor only bites where the whole window is ~0 (box < 1e-30 means every F < 1e-12),
-// where 2R < 2e-8 and the GeM+ clamp decides the value anyway.
+// y[k] = R'^q from the window sum y[k] and the centre value x[k], in place over n positions:
+// R' = F + 2^(log2(box) / p + log2_scale), clamped at eps'.
 // Four loops instead of one: a single loop chains log2 -> exp2 -> log2 -> exp2 (~150 cycles of
 // latency per vector) and measured 1.75x slower than these short independent chains over a
 // plane that stays in L1 (2.27 vs 1.31 ms for 2048 planes of 32x24, AVX-512, EPYC).
-SG_INLINE void gem_terms(float* __restrict y, const float* __restrict x, int n) {
+template <bool Pow25>
+SG_INLINE void gem_terms(float* __restrict y, const float* __restrict x, int n, const Head& hd) {
+  const float floor_ = hd.box_floor, inv_p = hd.inv_rgem_p, scale = hd.log2_scale;
+  const float eps = hd.eps_scaled, q = hd.gemp_p;
   for (int k = 0; k < n; ++k) {
-    const float b = y[k] > kTiny ? y[k] : kTiny;
-    y[k] = fast_log2(b) * kInvRgemP + kLog2MeanScale;
+    const float b = y[k] > floor_ ? y[k] : floor_;
+    const float t = fast_log2(b) * inv_p + scale;
+    // Other p: a window of exact zeros has P = 0 (2^-1000 saturates to 0), not FLT_MIN^(1/p).
+    y[k] = Pow25 || y[k] > 0.0f ? t : -1000.0f;
   }
   for (int k = 0; k < n; ++k) {
     const float r = fast_exp2(y[k]) + x[k];
-    y[k] = r > kTwoEps ? r : kTwoEps;
+    y[k] = r > eps ? r : eps;
   }
-  for (int k = 0; k < n; ++k) y[k] = fast_log2(y[k]) * kGemP;
+  for (int k = 0; k < n; ++k) y[k] = fast_log2(y[k]) * q;
   for (int k = 0; k < n; ++k) y[k] = fast_exp2(y[k]);
 }
 

@@ -1,28 +1,36 @@
-// Certified neighbour selection for the SuperGlobal rerank on the CPU (SPEC 6.3):
-// sgengine.kernels._rerank_cpu, driven by sgengine.kernels.rerank_cpu (which holds the derivation
-// of the error bound in its docstring; the constants here follow it).
+// The certified bfloat16 rerank on the CPU (SPEC 6): sgengine.kernels._rerank_cpu, called by
+// sgengine.kernels.rerank_cpu (whose docstring holds the derivation of the error bound; the
+// constants here follow it). Per query:
 //
-//   prepare_bf16: the candidates Y [rows, D] float32 -> two bfloat16 GEMM operands
-//               L = [bf16(Y) | 1 | 0...], R = [bf16(Y) | -c | 0...]  (row stride ld >= D + 1),
-//               so that L R^T = bf16(Y) bf16(Y)^T - c with c summed inside the fp32 accumulation;
-//               in the same pass d = Y q, then c from d, and the bound's row terms from each
-//               row's norm ||y_i|| and rounding residual ||y_i - bf16(y_i)|| (float64).
-//   certified_topk: given that approximate Gram A (bfloat16 [b, M, M], any fp32-accumulating
-//               GEMM of L and R) and the bound parameters, per row i: the K'-th largest approximate
-//               value t, the cut lo = (t + c) - e(t) that the exact K'-th largest value cannot be
-//               below, the candidates j whose approximate value plus its bound reaches lo (every
-//               other column is provably outside the exact top K'), exact float32 dots y_i . y_j
-//               for the candidates only (a pair both rows hold is dotted once), and the top K' of
-//               those, descending (ties: lower index), with float64 dots deciding the cut where
-//               float32 ones cannot. A row with more than `cap` candidates computes its whole
-//               exact row instead.
+//   prepare:  Y [M, D] float32 -> the bfloat16 GEMM operand L = [bf16(Y) | 1 | 0...] (row stride
+//             ld >= D + 1), d = Y q, the shift c (the K'-th largest of d, as a bfloat16 value), and
+//             the bound's row terms from each row's norm ||y_i|| and rounding residual
+//             ||y_i - bf16(y_i)|| (float64);
+//   gram:     the approximate Gram A = L R^T with R = [bf16(Y) | -c | 0...], so that
+//             A = bf16(Y) bf16(Y)^T - c with c summed inside the fp32 accumulation; the upper
+//             triangle only, with AVX512_BF16;
+//   select:   per row i, the K'-th largest approximate value t, the cut lo = (t + c) - e(t) that the
+//             exact K'-th largest value cannot be below, the candidates j whose approximate value
+//             plus its bound reaches lo (every other column is provably outside the exact top K'),
+//             exact float32 dots y_i . y_j for the candidates only (a pair both rows hold is dotted
+//             once), and the top K' of those, descending (ties: lower index), with float64 dots
+//             deciding the cut where float32 ones cannot. A row with more than `cap` candidates
+//             computes its whole exact row instead;
+//   finish:   SPEC 6.4-6.8 from the neighbours: weights, s1, the expansion, s2 and the order.
+//
+// Entries (typed arrays, checked here; scratch lives here and is kept per thread between calls):
+// certified_rerank (the whole rerank of a batch), certified_neighbours (prepare, gram, select:
+// SPEC 6.3 alone) and approx_gram_bound (prepare and gram: the approximate Gram and its bound).
 //
 // Why a kernel: torch.topk over a 400 x 400 Gram costs about as much as the bfloat16 product
-// itself, and a gather of the candidate rows for a batched dot writes M' x L x D floats.
+// itself, a gather of the candidate rows for a batched dot writes M' x L x D floats, and torch
+// multiplies only full rectangles of a symmetric product.
 //
 // ISA: portable scalar loops and an AVX-512 variant of the inner loops (intrinsics, compiled with
 // a target attribute), picked at run time with __builtin_cpu_supports, so the wheel needs no
-// -march (as kernels/cpu/gem.cpp).
+// -march (as kernels/cpu/gem.cpp). The Gram needs AVX512_BF16; without it the entries refuse and
+// sgengine.kernels.rerank_cpu runs the float32 path instead.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -30,8 +38,10 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <functional>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -57,8 +67,8 @@
 #else
 #define RS_X86_DISPATCH 0
 #endif
-// The AVX512_BF16 intrinsics of gram_bf16 need GCC >= 10 or Clang >= 9; older compilers build
-// without it (gram_bf16_available() is then false and the Gram falls back to torch).
+// The AVX512_BF16 intrinsics of the Gram need GCC >= 10 or Clang >= 9; older compilers build
+// without it (gram_bf16_available() is then false and the certified path does not run).
 #if RS_X86_DISPATCH && (defined(__clang__) ? __clang_major__ >= 9 : __GNUC__ >= 10)
 #define RS_BF16_KERNEL 1
 #else
@@ -72,6 +82,9 @@ namespace {
 RS_INLINE float as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 RS_INLINE uint32_t as_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
 RS_INLINE float bf16_value(uint16_t h) { return as_float(static_cast<uint32_t>(h) << 16); }
+RS_INLINE uint32_t bf16_rne_bits(uint32_t u) { return u + 0x7FFFu + ((u >> 16) & 1u); }
+// The bfloat16 value nearest to x (ties to even), as a float.
+RS_INLINE float bf16_round(float x) { return as_float(bf16_rne_bits(as_bits(x)) & 0xFFFF0000u); }
 
 // ---------------------------------------------------------------------------- row kernels
 // Two variants of the inner loops: portable scalar code, and AVX-512 intrinsics. GCC vectorized
@@ -79,7 +92,7 @@ RS_INLINE float bf16_value(uint16_t h) { return as_float(static_cast<uint32_t>(h
 // bfloat16 split scalar), so the fast variant is written out. The certified path only pays off
 // on CPUs with AVX512_BF16, which all have AVX-512F/BW/VL/DQ.
 //
-// split_row: bfloat16 of a float32 row (nearest even) into L and R, the squared norms of the row
+// split_row: bfloat16 of a float32 row (nearest even) into L, the squared norms of the row
 // and of its rounding residual, summed in float64 (the squares of float32 values are exact in
 // float64 and never underflow, so the sums err by a relative ~D 2^-53 only), and the row's
 // float32 dot with q (when q is given). Returns nonzero when a value is NaN/inf or rounds to inf.
@@ -87,10 +100,8 @@ RS_INLINE float bf16_value(uint16_t h) { return as_float(static_cast<uint32_t>(h
 // fused multiply-adds (about one load per FMA instead of two: the loop is load-bound).
 constexpr int kDots = 8;
 
-RS_INLINE uint32_t bf16_rne_bits(uint32_t u) { return u + 0x7FFFu + ((u >> 16) & 1u); }
-
-int split_row_scalar(const float* __restrict y, const float* __restrict q, uint16_t* __restrict L,
-                     uint16_t* __restrict R, int64_t D, double* n2, double* r2, float* dq) {
+int split_row_scalar(const float* __restrict y, const float* __restrict q, uint16_t* __restrict L, int64_t D,
+                     double* n2, double* r2, float* dq) {
   double sn = 0.0, sr = 0.0;
   float sd = 0.0f;
   int bad = 0;
@@ -100,7 +111,6 @@ int split_row_scalar(const float* __restrict y, const float* __restrict q, uint1
     const uint32_t hb = bf16_rne_bits(as_bits(f)) & 0xFFFF0000u;
     bad |= (hb & 0x7F800000u) == 0x7F800000u;
     L[k] = static_cast<uint16_t>(hb >> 16);
-    if (R) R[k] = L[k];
     const double d = static_cast<double>(f) - static_cast<double>(as_float(hb));
     sn += static_cast<double>(f) * f;
     sr += d * d;
@@ -197,7 +207,7 @@ RS_TARGET_AVX512 int64_t collect_ge_avx512(const uint16_t* __restrict a, int64_t
 }
 
 RS_TARGET_AVX512 int split_row_avx512(const float* __restrict y, const float* __restrict q, uint16_t* __restrict L,
-                                      uint16_t* __restrict R, int64_t D, double* n2, double* r2, float* dq) {
+                                      int64_t D, double* n2, double* r2, float* dq) {
   const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7FFF);
   const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)), expo = _mm512_set1_epi32(0x7F800000);
   __m512d sn0 = _mm512_setzero_pd(), sn1 = sn0, sr0 = sn0, sr1 = sn0;
@@ -213,7 +223,6 @@ RS_TARGET_AVX512 int split_row_avx512(const float* __restrict y, const float* __
     bad |= _mm512_mask_cmpeq_epi32_mask(m, _mm512_and_si512(hb, expo), expo);
     const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(hb, 16));
     _mm256_mask_storeu_epi16(L + k, m, h);
-    if (R) _mm256_mask_storeu_epi16(R + k, m, h);
     const __m512 d = _mm512_sub_ps(f, _mm512_castsi512_ps(hb));  // exact (Sterbenz); 0 in masked lanes
     const __m512d f0 = _mm512_cvtps_pd(_mm512_castps512_ps256(f)), f1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(f, 1));
     const __m512d d0 = _mm512_cvtps_pd(_mm512_castps512_ps256(d)), d1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(d, 1));
@@ -258,19 +267,18 @@ RS_TARGET_AVX512 void dots_avx512(const float* __restrict a, const float* const*
 }
 #endif
 
-// ---------------------------------------------------------------------------- gram_bf16
-// The approximate Gram A = L R^T of one query's bfloat16 operands ([M, ld] each, ld even), as
-// bfloat16 (nearest even), with AVX512_BF16 pair dot products (VDPBF16PS): each output lane
-// accumulates its column's ld / 2 pair products in float32, in order. That is the model the
-// bound assumes (exact bfloat16 products, float32 additions, nearest-even output), so the bound
-// holds for this product as for oneDNN's.
+// ---------------------------------------------------------------------------- the triangle Gram
+// The approximate Gram A = L R^T of one query's bfloat16 operand L ([M, ld], ld even; R is L with
+// column D set to bf16(-c)), as bfloat16 (nearest even), with AVX512_BF16 pair dot products
+// (VDPBF16PS): each output lane accumulates its column's ld / 2 pair products in float32, in
+// order. That is the model the bound assumes (exact bfloat16 products, float32 additions,
+// nearest-even output).
 //
 // Why a kernel: A is symmetric (L R^T = bf16(Y) bf16(Y)^T - c), but torch only multiplies full
-// rectangles. Its block-triangle split (10 of 16 blocks) ran at ~60% of the full product's
-// speed on the 2-core EPYC (small products scale badly over threads), saving ~10% instead of
-// ~40%. Here each column panel of kGramNR columns multiplies only the rows up to its last
-// column (56% of the entries at M' = 400) at about the full product's efficiency, and writes
-// the strictly upper entries' mirror images as it goes.
+// rectangles, and a block-triangle split of them ran at ~60% of the full product's speed on the
+// 2-core EPYC (small products scale badly over threads). Here each column panel of kGramNR columns
+// multiplies only the rows up to its last column (56% of the entries at M' = 400) at about the
+// full product's efficiency, and writes the strictly upper entries' mirror images as it goes.
 //
 // Register tile: kGramMR rows x kGramNZ zmm (16 columns each) = 24 float32 accumulators; per pair
 // of depth, kGramNZ loads of the packed panel and kGramMR broadcasts of a row's pair.
@@ -284,28 +292,26 @@ static_assert(kGramNZ == 2, "gram_panel dispatches panels of 2 zmm columns (or a
 
 // Packs columns [j0, j0 + w) of the product (rows of R) as pk[p][c] = the pair (R[j0 + c][2p],
 // R[j0 + c][2p + 1]) for c < nr (zeros past w), so that one zmm load holds 16 columns' pair p.
-// With shift_col >= 0, R is L ([h | 1 | 0..]) and column shift_col (= D) gets shift_bits (the
-// bfloat16 of -c) instead of L's 1: R = [h | -c | 0..] without a second array to write and read.
-void gram_pack(const uint16_t* R, int64_t ld, int64_t j0, int w, int nr, uint32_t* pk, int64_t shift_col,
+// R is read from L ([h | 1 | 0..]) with column shift_col (= D) replaced by shift_bits (the
+// bfloat16 of -c): R = [h | -c | 0..] without a second array to write and read.
+void gram_pack(const uint16_t* L, int64_t ld, int64_t j0, int w, int nr, uint32_t* pk, int64_t shift_col,
                uint16_t shift_bits) {
   // Depth-major: each pass reads one pair from each of the w rows (their lines stay in L1
   // across 16 passes) and writes one contiguous run.
   const int64_t P = ld / 2;
   const uint32_t* r[kGramNR];
-  for (int c = 0; c < w; ++c) r[c] = reinterpret_cast<const uint32_t*>(R + (j0 + c) * ld);
+  for (int c = 0; c < w; ++c) r[c] = reinterpret_cast<const uint32_t*>(L + (j0 + c) * ld);
   for (int64_t p = 0; p < P; ++p) {
     uint32_t* o = pk + p * nr;
     int c = 0;
     for (; c < w; ++c) o[c] = r[c][p];
     for (; c < nr; ++c) o[c] = 0u;
   }
-  if (shift_col >= 0) {  // the pair holding column shift_col: low half for an even column (little-endian)
-    uint32_t* o = pk + (shift_col / 2) * nr;
-    const bool high = shift_col & 1;
-    for (int c = 0; c < w; ++c)
-      o[c] = high ? (o[c] & 0xFFFFu) | (static_cast<uint32_t>(shift_bits) << 16)
-                  : (o[c] & 0xFFFF0000u) | shift_bits;
-  }
+  // The pair holding column shift_col: low half for an even column (little-endian).
+  uint32_t* o = pk + (shift_col / 2) * nr;
+  const bool high = shift_col & 1;
+  for (int c = 0; c < w; ++c)
+    o[c] = high ? (o[c] & 0xFFFFu) | (static_cast<uint32_t>(shift_bits) << 16) : (o[c] & 0xFFFF0000u) | shift_bits;
 }
 
 // Rows [i0, i0 + MR) against the packed panel of NZ x 16 columns starting at column j0 (w of them
@@ -356,12 +362,12 @@ RS_TARGET_BF16 void gram_rows(const uint16_t* L, int64_t ld, int64_t i0, int row
 }
 
 // One column panel of one query: rows 0 .. j0 + w - 1 (the upper triangle and the diagonal block).
-RS_TARGET_BF16 void gram_panel(const uint16_t* L, const uint16_t* R, uint16_t* A, int64_t M, int64_t ld, int64_t j0,
+RS_TARGET_BF16 void gram_panel(const uint16_t* L, uint16_t* A, int64_t M, int64_t ld, int64_t j0,
                                std::vector<uint32_t>& pk, int64_t shift_col, uint16_t shift_bits) {
   const int w = static_cast<int>(std::min<int64_t>(kGramNR, M - j0));
   const int nz = (w + 15) / 16;
   pk.resize(static_cast<size_t>(ld / 2 * 16 * nz));
-  gram_pack(R, ld, j0, w, 16 * nz, pk.data(), shift_col, shift_bits);
+  gram_pack(L, ld, j0, w, 16 * nz, pk.data(), shift_col, shift_bits);
   const int64_t end = j0 + w;
   for (int64_t i0 = 0; i0 < end; i0 += kGramMR) {
     const int rows = static_cast<int>(std::min<int64_t>(kGramMR, end - i0));
@@ -404,19 +410,18 @@ double dot_f64(const float* __restrict a, const float* __restrict b, int64_t D) 
 
 struct Kernels {
   int64_t (*dot_depth)(int64_t D);  // additions any one dot result went through (its error bound)
-  int (*split_row)(const float*, const float*, uint16_t*, uint16_t*, int64_t, double*, double*, float*);
+  int (*split_row)(const float*, const float*, uint16_t*, int64_t, double*, double*, float*);
   float (*kth_largest)(const uint16_t*, int64_t, int64_t, float*);
   int64_t (*collect_ge)(const uint16_t*, int64_t, float, int32_t*);
   void (*dots)(const float*, const float* const*, int, int64_t, float*);  // out[j] = a . b[j], j < n
 };
 
-// ---------------------------------------------------------------------------- prepare_bf16
+// ---------------------------------------------------------------------------- prepare
 struct PrepareJob {
   const float* y;       // [b * M, D]
   const float* q;       // [b, D] or null
   uint16_t* left;       // [b * M, ld]
-  uint16_t* right;      // [b * M, ld]
-  float* shift;         // [b]: c, computed from d when q is given, else read
+  float* shift;         // [b]: c, computed from d when q is given, else read (a bfloat16 value)
   float* d;             // [b * M]: y_i . q (when q is given)
   double* base;         // [b * M]: the row terms of the bound
   double* norm;         // [b * M]: ||y_i||
@@ -444,7 +449,7 @@ void bound_rows(const PrepareJob& jb, int64_t q, const double* norm, const doubl
   }
 }
 
-// ---------------------------------------------------------------------------- certified_topk
+// ---------------------------------------------------------------------------- select
 struct SelectJob {
   const uint16_t* a;      // [b, M, M] bfloat16: L R^T (approximate G - c)
   const float* y;         // [b, M, D] float32
@@ -634,7 +639,7 @@ Kernels pick(const std::string& isa) {
   const auto ok = supported_isas();
   const std::string want = isa == "auto" ? ok.front() : isa;
   if (std::find(ok.begin(), ok.end(), want) == ok.end())
-    throw py::value_error("sgengine.kernels._rerank_cpu: isa '" + isa + "' is not available on this CPU (have: " +
+    throw py::value_error("isa '" + isa + "' is not available on this CPU (have: " +
                           py::str(py::cast(ok)).cast<std::string>() + ")");
 #if RS_X86_DISPATCH
   if (want == "avx512") return {dot_depth_avx512, split_row_avx512, kth_largest_avx512, collect_ge_avx512, dots_avx512};
@@ -679,8 +684,8 @@ std::vector<R> run_threads(int64_t n, int threads, Fn fn, int64_t grain) {
 // SPEC 6.4-6.8 from the neighbours (see kernels/rerank_cpu.py for the rearrangement): weights
 // w = beta v with slot 0 set to 1, s1 = sum_k w d[n] / W, the expansion q' = the elementwise max of
 // the refined rows of the K' best by s1, e = Y q', s2 = sum_k w e[n] / W, f = (s1 + s2) / 2 and the
-// order by f descending (ties: lower position). The same arithmetic as the torch steps it replaces,
-// in float32, with no temporary [M', K'] tensors: those ~12 small ops cost ~0.45 ms at M' = 400,
+// order by f descending (ties: lower position). The same float32 arithmetic as rerank_cpu_fp32's
+// torch steps, with no temporary [M', K'] tensors: those ~12 small ops cost ~0.45 ms at M' = 400,
 // about a fifth of the rerank.
 struct FinishJob {
   const float* v;      // [b, M, Kp]
@@ -804,34 +809,9 @@ void finish_impl(const float* v, const int64_t* n, const float* d, const float* 
   }, 1);
 }
 
-void finish(uintptr_t v, uintptr_t n, uintptr_t d, uintptr_t y, int64_t b, int64_t M, int64_t D, int64_t Kp, double beta,
-            uintptr_t order, uintptr_t scores, int threads, const std::string& isa) {
-  if (b < 0 || M < 1 || D < 1 || Kp < 1 || Kp > M) throw py::value_error("finish: need M, D >= 1 and 1 <= K' <= M");
-  const Kernels kn = pick(isa);
-  FinishScratch fs;
-  py::gil_scoped_release release;
-  finish_impl(reinterpret_cast<const float*>(v), reinterpret_cast<const int64_t*>(n), reinterpret_cast<const float*>(d),
-              reinterpret_cast<const float*>(y), b, M, D, Kp, beta, reinterpret_cast<int64_t*>(order),
-              reinterpret_cast<float*>(scores), threads, kn, fs);
-}
-
-
-int64_t prepare_impl(const PrepareJob& jb, const Kernels& kn, int threads);
-
-int64_t prepare_bf16(uintptr_t y, uintptr_t q, int64_t b, int64_t M, int64_t D, int64_t ld, int64_t Kp,
-                     uintptr_t left, uintptr_t right, uintptr_t shift, uintptr_t d, uintptr_t base, uintptr_t norm_out,
-                     double safety, int threads, const std::string& isa) {
-  if (b < 0 || M < 1 || D < 1 || ld < D + 1 || Kp < 1 || Kp > M)
-    throw py::value_error("prepare_bf16: need M, D >= 1, ld >= D + 1 and 1 <= K' <= M");
-  if (q && !d) throw py::value_error("prepare_bf16: q needs d");
-  PrepareJob jb{reinterpret_cast<const float*>(y), reinterpret_cast<const float*>(q), reinterpret_cast<uint16_t*>(left),
-                reinterpret_cast<uint16_t*>(right), reinterpret_cast<float*>(shift), reinterpret_cast<float*>(d),
-                reinterpret_cast<double*>(base), reinterpret_cast<double*>(norm_out), safety, b, M, D, ld, Kp};
-  const Kernels kn = pick(isa);
-  py::gil_scoped_release release;
-  return prepare_impl(jb, kn, threads);
-}
-
+// ---------------------------------------------------------------------------- prepare (the pass)
+// The operands, d, c and the bound's row terms of jb's b queries on `threads` threads. Returns how
+// many rows are not finite or too large for the bound's model (then nothing else is valid).
 int64_t prepare_impl(const PrepareJob& jb, const Kernels& kn, int threads) {
   const int64_t b = jb.b, M = jb.M, D = jb.D, ld = jb.ld, Kp = jb.Kp;
   double* norm = jb.norm;
@@ -841,17 +821,13 @@ int64_t prepare_impl(const PrepareJob& jb, const Kernels& kn, int threads) {
          int64_t bad_rows = 0;
          for (int64_t i = s; i < e; ++i) {
            uint16_t* L = jb.left + i * ld;
-           uint16_t* R = jb.right ? jb.right + i * ld : nullptr;  // null: gram_bf16 packs from L
            const float* qi = jb.q ? jb.q + (i / M) * D : nullptr;
            double n2 = 0.0, r2 = 0.0;
            float dq = 0.0f;
-           bad_rows += kn.split_row(jb.y + i * D, qi, L, R, D, &n2, &r2, &dq) != 0;
+           bad_rows += kn.split_row(jb.y + i * D, qi, L, D, &n2, &r2, &dq) != 0;
            if (jb.q) jb.d[i] = dq;
-           L[D] = 0x3F80u;  // 1.0; R[D] = -c once c is known
-           for (int64_t k = D + 1; k < ld; ++k) {
-             L[k] = 0;
-             if (R) R[k] = 0;
-           }
+           L[D] = 0x3F80u;  // 1.0; the Gram reads R[D] = -c in its place
+           for (int64_t k = D + 1; k < ld; ++k) L[k] = 0;
            norm[i] = std::sqrt(n2);
            resid[i] = std::sqrt(r2);
            // Norms up to 1e15 keep the Gram and every term of the bound far from float32 overflow.
@@ -868,84 +844,41 @@ int64_t prepare_impl(const PrepareJob& jb, const Kernels& kn, int threads) {
       std::copy(jb.d + qq * M, jb.d + (qq + 1) * M, dd.begin());
       std::nth_element(dd.begin(), dd.begin() + (Kp - 1), dd.end(), std::greater<float>());
       const float c = std::min(std::max(dd[Kp - 1], -1e30f), 1e30f);
-      jb.shift[qq] = bf16_value(static_cast<uint16_t>((bf16_rne_bits(as_bits(c)) & 0xFFFF0000u) >> 16));
+      jb.shift[qq] = bf16_round(c);
     }
-    const uint16_t neg_c = static_cast<uint16_t>(bf16_rne_bits(as_bits(-jb.shift[qq])) >> 16);
-    if (jb.right)
-      for (int64_t i = qq * M; i < (qq + 1) * M; ++i) jb.right[i * ld + D] = neg_c;
     bound_rows(jb, qq, norm + qq * M, resid.data() + qq * M);
   }
   return 0;
 }
 
-// A = L R^T for b queries (see the gram_bf16 section): L, R [b, M, ld] bfloat16, A [b, M, M]
-// bfloat16. Work items are (query, column panel), largest first, taken from a shared counter, so
-// two threads split one query's triangle evenly; every entry has one writer.
-#if RS_BF16_KERNEL
-void gram_impl(const uint16_t* L, const uint16_t* right, uint16_t* A, int64_t b, int64_t M, int64_t ld, int threads,
-               int64_t D, const float* c);
-#endif
-
-void gram_bf16(uintptr_t left, uintptr_t right, uintptr_t out, int64_t b, int64_t M, int64_t ld, int threads,
-               int64_t D, uintptr_t shift) {
-  if (b < 0 || M < 1 || ld < 2 || ld % 2) throw py::value_error("gram_bf16: need M >= 1 and an even ld >= 2");
-  if (!right && (!shift || D < 0 || D >= ld))
-    throw py::value_error("gram_bf16: without right_ptr, give D (0 <= D < ld: the shift column) and shift_ptr");
-  if (!gram_bf16_available())
-    throw std::runtime_error("gram_bf16: this CPU has no AVX512_BF16 (check gram_bf16_available() first)");
-#if RS_BF16_KERNEL
-  py::gil_scoped_release release;
-  gram_impl(reinterpret_cast<const uint16_t*>(left), reinterpret_cast<const uint16_t*>(right),
-            reinterpret_cast<uint16_t*>(out), b, M, ld, threads, D, reinterpret_cast<const float*>(shift));
-#endif
-}
 
 #if RS_BF16_KERNEL
-// right null: R is L with column D set to bf16(-c[q]).
-void gram_impl(const uint16_t* L, const uint16_t* right, uint16_t* A, int64_t b, int64_t M, int64_t ld, int threads,
-               int64_t D, const float* c) {
-  const uint16_t* R = right ? right : L;
+// ---------------------------------------------------------------------------- gram
+// A = L R^T for b queries (see the triangle Gram section): L [b, M, ld] bfloat16 with R = L but for
+// column D = bf16(-c[q]); A [b, M, M] bfloat16. Work items are (query, column panel), largest
+// first, taken from a shared counter, so two threads split one query's triangle evenly; every
+// entry has one writer.
+void gram_impl(const uint16_t* L, uint16_t* A, int64_t b, int64_t M, int64_t ld, int threads, int64_t D,
+               const float* c) {
   const int64_t panels = (M + kGramNR - 1) / kGramNR, n = b * panels;
   std::atomic<int64_t> next{0};
   run_threads<int>(std::min<int64_t>(threads, n), threads, [&](int64_t, int64_t) {
     static thread_local std::vector<uint32_t> pk;
     for (int64_t k = next.fetch_add(1); k < n; k = next.fetch_add(1)) {
       const int64_t q = k % b, panel = panels - 1 - k / b;
-      // -c rounded as prepare_bf16 rounds it into R (c is a bfloat16 value: exact).
-      const uint16_t neg_c = right ? 0 : static_cast<uint16_t>(bf16_rne_bits(as_bits(-c[q])) >> 16);
-      gram_panel(L + q * M * ld, R + q * M * ld, A + q * M * M, M, ld, panel * kGramNR, pk, right ? -1 : D, neg_c);
+      const uint16_t neg_c = static_cast<uint16_t>(bf16_rne_bits(as_bits(-c[q])) >> 16);  // c is bfloat16: exact
+      gram_panel(L + q * M * ld, A + q * M * M, M, ld, panel * kGramNR, pk, D, neg_c);
     }
     return 0;
   }, 1);
+}
+#else
+void gram_impl(const uint16_t*, uint16_t*, int64_t, int64_t, int64_t, int, int64_t, const float*) {
+  throw std::runtime_error("sgengine.kernels._rerank_cpu was built without the AVX512_BF16 Gram");
+}
 #endif
-}
 
-std::pair<int64_t, int64_t> select_impl(const SelectJob& jb, const Kernels& kn, int threads, QueryScratch& qs);
-
-py::tuple certified_topk(uintptr_t a, uintptr_t y, int64_t b, int64_t M, int64_t D, int64_t Kp, uintptr_t shift,
-                         uintptr_t base, uintptr_t norm, double out_rel, int64_t cap, uintptr_t v, uintptr_t n,
-                         int threads, const std::string& isa) {
-  if (b < 0 || M < 1 || D < 1 || Kp < 1 || Kp > M)
-    throw py::value_error("certified_topk: need M, D >= 1 and 1 <= K' <= M");
-  if (!(out_rel >= 0.0 && out_rel < 0.5)) throw py::value_error("certified_topk: out_rel must be in [0, 0.5)");
-  if (M > INT32_MAX) throw py::value_error("certified_topk: M must fit in int32");
-  SelectJob jb{reinterpret_cast<const uint16_t*>(a), reinterpret_cast<const float*>(y),
-               reinterpret_cast<const float*>(shift), reinterpret_cast<const double*>(base),
-               reinterpret_cast<const double*>(norm), out_rel, reinterpret_cast<float*>(v),
-               reinterpret_cast<int64_t*>(n), b, M, D, Kp, cap};
-  const Kernels kn = pick(isa);
-  std::pair<int64_t, int64_t> dd;
-  {
-    py::gil_scoped_release release;
-    // Kept between calls (per calling thread): the per-row vectors keep their capacity, so a call
-    // allocates nothing once warm (fresh vectors cost ~0.15 ms per call at M' = 400).
-    static thread_local QueryScratch tls;
-    dd = select_impl(jb, kn, threads, tls);
-  }
-  return py::make_tuple(dd.first, dd.second);
-}
-
-// certified_topk's work for jb's b queries; returns (exact dots, dense rows).
+// The certified top K' of every row of jb's b queries, on `threads` threads; returns (exact dots, dense rows).
 std::pair<int64_t, int64_t> select_impl(const SelectJob& jb, const Kernels& kn, int threads, QueryScratch& qs) {
   const int64_t b = jb.b, M = jb.M;
   int64_t dots = 0, dense = 0;
@@ -988,108 +921,299 @@ std::pair<int64_t, int64_t> select_impl(const SelectJob& jb, const Kernels& kn, 
   return {dots, dense};
 }
 
-// The certified path for nq >= 2 queries, all in C++ and in one call: per query, the operand pass
-// (no R), the triangle Gram, the certified selection and finish, each single-threaded, the queries
-// spread over the threads from a shared counter (a query stays on one core: see
-// kernels/rerank_cpu.py on this VM's slow phases). Per-thread scratch persists between calls.
-// status[q] = 1 for a query with a row that is not finite or too large (nothing is written for it:
-// the caller runs the exact path), else 0. Returns (rows, exact dots, dense rows) of the others.
-py::tuple certified_batch(uintptr_t y, uintptr_t q, int64_t nq, int64_t M, int64_t D, int64_t Kp, double beta,
-                          double safety, double out_rel, double bound_scale, int64_t cap, uintptr_t order,
-                          uintptr_t scores, uintptr_t status, int threads, const std::string& isa) {
-  if (nq < 0 || M < 1 || D < 1 || Kp < 1 || Kp > M)
-    throw py::value_error("certified_batch: need M, D >= 1 and 1 <= K' <= M");
-  if (!(out_rel >= 0.0 && out_rel < 0.5)) throw py::value_error("certified_batch: out_rel must be in [0, 0.5)");
-  if (M > INT32_MAX) throw py::value_error("certified_batch: M must fit in int32");
-  if (!gram_bf16_available())
-    throw std::runtime_error("certified_batch: this CPU has no AVX512_BF16 (check gram_bf16_available() first)");
-#if RS_BF16_KERNEL
-  const Kernels kn = pick(isa);
-  const int64_t ld = (D + 1 + 15) / 16 * 16;
-  const float* Y = reinterpret_cast<const float*>(y);
-  const float* Q = reinterpret_cast<const float*>(q);
-  int64_t* ord = reinterpret_cast<int64_t*>(order);
-  float* sco = reinterpret_cast<float*>(scores);
-  uint8_t* st = reinterpret_cast<uint8_t*>(status);
-  std::atomic<int64_t> next{0}, rows{0}, dots{0}, dense{0};
-  {
-    py::gil_scoped_release release;  // until the tuple below, which needs the GIL back
-    run_threads<int>(std::min<int64_t>(threads, nq), threads, [&](int64_t, int64_t) {
-      static thread_local std::vector<uint16_t> L, A;
-      static thread_local std::vector<double> base, norm;
-      static thread_local std::vector<float> v, d;
-      static thread_local std::vector<int64_t> n;
-      static thread_local QueryScratch qs;
-      static thread_local FinishScratch fs;
-      L.resize(static_cast<size_t>(M * ld));
-      A.resize(static_cast<size_t>(M * M));
-      base.resize(static_cast<size_t>(M));
-      norm.resize(static_cast<size_t>(M));
-      d.resize(static_cast<size_t>(M));
-      v.resize(static_cast<size_t>(M * Kp));
-      n.resize(static_cast<size_t>(M * Kp));
-      for (int64_t k = next.fetch_add(1); k < nq; k = next.fetch_add(1)) {
-        const float* yk = Y + k * M * D;
-        float c = 0.0f;
-        const PrepareJob pj{yk, Q + k * D, L.data(), nullptr, &c, d.data(), base.data(), norm.data(), safety, 1, M, D, ld, Kp};
-        if (prepare_impl(pj, kn, 1)) {
-          st[k] = 1;
-          continue;
-        }
-        if (bound_scale != 1.0)
-          for (double& x : base) x *= bound_scale;
-        gram_impl(L.data(), nullptr, A.data(), 1, M, ld, 1, D, &c);
-        const SelectJob sj{A.data(), yk, &c, base.data(), norm.data(), out_rel, v.data(), n.data(), 1, M, D, Kp, cap};
-        const std::pair<int64_t, int64_t> dd = select_impl(sj, kn, 1, qs);
-        finish_impl(v.data(), n.data(), d.data(), yk, 1, M, D, Kp, beta, ord + k * M, sco + k * M, 1, kn, fs);
-        st[k] = 0;
-        rows += M;
-        dots += dd.first;
-        dense += dd.second;
-      }
-      return 0;
-    }, 1);
+// ---------------------------------------------------------------------------- one query
+struct Stats {
+  int64_t rows = 0, dots = 0, dense = 0;
+  Stats& operator+=(const Stats& o) {
+    rows += o.rows;
+    dots += o.dots;
+    dense += o.dense;
+    return *this;
   }
-  return py::make_tuple(rows.load(), dots.load(), dense.load());
-#else
-  return py::make_tuple(0, 0, 0);
-#endif
+};
+
+struct Setup {
+  int64_t M, D, ld, Kp, cap;
+  double safety, out_rel;
+};
+
+// One query's scratch, kept per thread between calls (an OpenMP worker keeps its own): a fresh
+// large buffer is mmapped, and faulting its pages in cost ~2 ms of a 7 ms rerank at M' = 400.
+struct QueryWork {
+  std::vector<uint16_t> L, A;
+  std::vector<double> base, norm;
+  std::vector<float> d, v;
+  std::vector<int64_t> n;
+  QueryScratch qs;
+  FinishScratch fs;
+  void size(const Setup& st) {
+    L.resize(static_cast<size_t>(st.M * st.ld));
+    A.resize(static_cast<size_t>(st.M * st.M));
+    base.resize(static_cast<size_t>(st.M));
+    norm.resize(static_cast<size_t>(st.M));
+    d.resize(static_cast<size_t>(st.M));
+    v.resize(static_cast<size_t>(st.M * st.Kp));
+    n.resize(static_cast<size_t>(st.M * st.Kp));
+  }
+};
+
+QueryWork& thread_work(const Setup& st) {
+  static thread_local QueryWork w;
+  w.size(st);
+  return w;
+}
+
+// prepare and gram for one query y [M, D] on `threads` threads: with q, c is computed (the K'-th
+// largest of d = y q, as a bfloat16 value); without, *c is used (a bfloat16 value). False when a
+// row is not finite or too large for the bound's model (then nothing else is valid).
+bool approx_one(const float* y, const float* q, float* c, const Setup& st, const Kernels& kn, int threads,
+                QueryWork& w) {
+  const PrepareJob pj{y, q, w.L.data(), c, q ? w.d.data() : nullptr, w.base.data(), w.norm.data(), st.safety,
+                      1, st.M, st.D, st.ld, st.Kp};
+  if (prepare_impl(pj, kn, threads)) return false;
+  gram_impl(w.L.data(), w.A.data(), 1, st.M, st.ld, threads, st.D, c);
+  return true;
+}
+
+// approx_one, then the certified top K' of every row into v, n [M, K'].
+bool neighbours_one(const float* y, const float* q, float* c, const Setup& st, const Kernels& kn, int threads,
+                    QueryWork& w, float* v, int64_t* n, Stats& stats) {
+  if (!approx_one(y, q, c, st, kn, threads, w)) return false;
+  const SelectJob sj{w.A.data(), y, c, w.base.data(), w.norm.data(), st.out_rel, v, n, 1, st.M, st.D, st.Kp, st.cap};
+  const std::pair<int64_t, int64_t> dd = select_impl(sj, kn, threads, w.qs);
+  stats.rows += st.M;
+  stats.dots += dd.first;
+  stats.dense += dd.second;
+  return true;
+}
+
+// The whole rerank of one query into order, scores [M]. False (nothing written) as above.
+bool rerank_one(const float* y, const float* q, double beta, const Setup& st, const Kernels& kn, int threads,
+                QueryWork& w, int64_t* order, float* scores, Stats& stats) {
+  float c = 0.0f;
+  if (!neighbours_one(y, q, &c, st, kn, threads, w, w.v.data(), w.n.data(), stats)) return false;
+  finish_impl(w.v.data(), w.n.data(), w.d.data(), y, 1, st.M, st.D, st.Kp, beta, order, scores, threads, kn, w.fs);
+  return true;
+}
+
+// ---------------------------------------------------------------------------- entry checks
+std::string shape_str(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t k = 0; k < a.ndim(); ++k) s += (k ? ", " : "") + std::to_string(a.shape(k));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+std::string err(const char* fn, const std::string& msg) { return std::string(fn) + ": " + msg; }
+
+std::string num(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.9g", v);
+  return buf;
+}
+
+// A C-contiguous array of T with `ndim` dimensions, or a ValueError naming the argument. No
+// conversion: a wrong dtype or layout is the caller's mistake, not something to copy silently.
+template <class T>
+py::array_t<T> typed_array(const py::array& a, const char* fn, const char* name, int ndim, const char* dims,
+                           const char* dtype) {
+  if (a.ndim() != ndim)
+    throw py::value_error(err(fn, std::string(name) + " must have " + std::to_string(ndim) + " dimensions " + dims +
+                                      ", got shape " + shape_str(a)));
+  if (!a.dtype().is(py::dtype::of<T>()))
+    throw py::value_error(err(fn, std::string(name) + " must be " + dtype + ", got " +
+                                      py::str(a.dtype()).cast<std::string>()));
+  if (!(a.flags() & py::array::c_style))
+    throw py::value_error(err(fn, std::string(name) + " must be C-contiguous (shape " + shape_str(a) +
+                                      "); pass a contiguous copy"));
+  return py::reinterpret_borrow<py::array_t<T>>(a);
+}
+
+// Y [nq, M, D] float32 and the settings every entry shares.
+Setup check_setup(const char* fn, const py::array_t<float>& Y, int64_t Kp, int64_t cap, double safety, double out_rel,
+                  int threads) {
+  const int64_t M = Y.shape(1), D = Y.shape(2);
+  if (M < 1) throw py::value_error(err(fn, "Y has no candidates (shape " + shape_str(Y) + ")"));
+  if (D < 1) throw py::value_error(err(fn, "Y has D = 0 (shape " + shape_str(Y) + ")"));
+  if (M > INT32_MAX) throw py::value_error(err(fn, "Y has more than 2^31 - 1 candidates per query"));
+  if (Kp < 1 || Kp > M)
+    throw py::value_error(err(fn, "Kp must be in [1, M] = [1, " + std::to_string(M) + "], got " + std::to_string(Kp)));
+  if (cap < 0) throw py::value_error(err(fn, "cap must be >= 0, got " + std::to_string(cap)));
+  if (!(safety >= 0.0 && std::isfinite(safety)))
+    throw py::value_error(err(fn, "safety must be a finite number >= 0, got " + num(safety)));
+  if (!(out_rel >= 0.0 && out_rel < 0.5))
+    throw py::value_error(err(fn, "out_rel must be in [0, 0.5), got " + num(out_rel)));
+  if (threads < 1) throw py::value_error(err(fn, "threads must be >= 1, got " + std::to_string(threads)));
+  if (!gram_bf16_available())
+    throw std::runtime_error(err(fn, "this CPU has no AVX512_BF16 (or the module was built without it): check "
+                                     "gram_bf16_available() first"));
+  return Setup{M, D, (D + 1 + 15) / 16 * 16, Kp, cap, safety, out_rel};  // ld: the shift column, 32-byte rows
+}
+
+// q [nq, D] float32 matching Y [nq, M, D].
+py::array_t<float> check_queries(const char* fn, const py::array& q_in, const py::array_t<float>& Y) {
+  py::array_t<float> q = typed_array<float>(q_in, fn, "q", 2, "[nq, D]", "float32");
+  if (q.shape(0) != Y.shape(0) || q.shape(1) != Y.shape(2))
+    throw py::value_error(err(fn, "q has shape " + shape_str(q) + " but Y has " + shape_str(Y) +
+                                      ": expected q [nq, D] for Y [nq, M, D]"));
+  return q;
+}
+
+Kernels pick_checked(const char* fn, const std::string& isa) {
+  try {
+    return pick(isa);
+  } catch (const py::value_error& e) {
+    throw py::value_error(err(fn, e.what()));
+  }
+}
+
+std::string bad_rows_message(int64_t k) {
+  return "Y[" + std::to_string(k) + "] holds a row that is not finite or whose norm is above 1e15 (outside the "
+         "bound's model)";
+}
+
+// ---------------------------------------------------------------------------- entries
+// The certified rerank of nq queries. One query (or one thread): each kernel runs threaded over
+// rows. Several: a query per thread at a time, each kernel single-threaded, taken from a shared
+// counter, so a query's operands, Gram and lists never move between cores (on the 2-core EPYC VM
+// the two ways tie at best, but the VM goes through phases in which writes to lines the other core
+// has just read are slow: then the row split took ~185 ms for 70 queries at M' = 400, the query
+// split still ~130 ms).
+py::tuple certified_rerank(const py::array& Y_in, const py::array& q_in, int64_t Kp, double beta, double safety,
+                           double out_rel, int64_t cap, int threads, const std::string& isa) {
+  const char* fn = "certified_rerank";
+  const py::array_t<float> Y = typed_array<float>(Y_in, fn, "Y", 3, "[nq, M, D]", "float32");
+  const py::array_t<float> q = check_queries(fn, q_in, Y);
+  if (!std::isfinite(beta)) throw py::value_error(err(fn, "beta must be finite, got " + num(beta)));
+  const Setup st = check_setup(fn, Y, Kp, cap, safety, out_rel, threads);
+  const Kernels kn = pick_checked(fn, isa);
+  const int64_t nq = Y.shape(0), M = st.M, D = st.D;
+  py::array_t<int64_t> order({nq, M});
+  py::array_t<float> scores({nq, M});
+  py::array_t<uint8_t> status(nq);
+  const float* y = Y.data();
+  const float* qp = q.data();
+  int64_t* ord = order.mutable_data();
+  float* sco = scores.mutable_data();
+  uint8_t* sts = status.mutable_data();
+  Stats total;
+  {
+    py::gil_scoped_release release;
+    auto one = [&](int64_t k, int nt, QueryWork& w, Stats& s) {
+      const bool ok = rerank_one(y + k * M * D, qp + k * D, beta, st, kn, nt, w, ord + k * M, sco + k * M, s);
+      sts[k] = ok ? 0 : 1;
+      if (!ok)  // nothing valid: first-stage order, NaN scores
+        for (int64_t i = 0; i < M; ++i) {
+          ord[k * M + i] = i;
+          sco[k * M + i] = NAN;
+        }
+    };
+    if (nq <= 1 || threads == 1) {
+      QueryWork& w = thread_work(st);
+      for (int64_t k = 0; k < nq; ++k) one(k, threads, w, total);
+    } else {
+      std::atomic<int64_t> next{0};
+      for (const Stats& s : run_threads<Stats>(std::min<int64_t>(threads, nq), threads, [&](int64_t, int64_t) {
+             QueryWork& w = thread_work(st);
+             Stats mine;
+             for (int64_t k = next.fetch_add(1); k < nq; k = next.fetch_add(1)) one(k, 1, w, mine);
+             return mine;
+           }, 1))
+        total += s;
+    }
+  }
+  return py::make_tuple(order, scores, status, py::make_tuple(total.rows, total.dots, total.dense));
+}
+
+// SPEC 6.3 alone, query by query: the certified top K' of each Gram row.
+py::tuple certified_neighbours(const py::array& Y_in, std::optional<py::array> q_in, int64_t Kp, double safety,
+                               double out_rel, int64_t cap, int threads, const std::string& isa) {
+  const char* fn = "certified_neighbours";
+  const py::array_t<float> Y = typed_array<float>(Y_in, fn, "Y", 3, "[nq, M, D]", "float32");
+  py::array_t<float> q;
+  if (q_in) q = check_queries(fn, *q_in, Y);
+  const Setup st = check_setup(fn, Y, Kp, cap, safety, out_rel, threads);
+  const Kernels kn = pick_checked(fn, isa);
+  const int64_t nq = Y.shape(0), M = st.M, D = st.D;
+  py::array_t<float> v({nq, M, Kp});
+  py::array_t<int64_t> n({nq, M, Kp});
+  const float* y = Y.data();
+  const float* qp = q_in ? q.data() : nullptr;
+  float* vp = v.mutable_data();
+  int64_t* np_ = n.mutable_data();
+  Stats total;
+  int64_t bad = -1;
+  {
+    py::gil_scoped_release release;
+    QueryWork& w = thread_work(st);
+    for (int64_t k = 0; k < nq && bad < 0; ++k) {
+      float c = 0.0f;
+      if (!neighbours_one(y + k * M * D, qp ? qp + k * D : nullptr, &c, st, kn, threads, w, vp + k * M * Kp,
+                          np_ + k * M * Kp, total))
+        bad = k;
+    }
+  }
+  if (bad >= 0) throw py::value_error(err(fn, bad_rows_message(bad)));
+  return py::make_tuple(v, n, py::make_tuple(total.rows, total.dots, total.dense));
+}
+
+// The approximate Gram and its bound, query by query: x = a + c and e = base_i + out_rel |a_ij|
+// (float64 [nq, M, M] each), so that |x - Y Y^T| <= e entrywise if the bound is right.
+py::tuple approx_gram_bound(const py::array& Y_in, const py::array& c_in, double safety, double out_rel, int threads,
+                            const std::string& isa) {
+  const char* fn = "approx_gram_bound";
+  const py::array_t<float> Y = typed_array<float>(Y_in, fn, "Y", 3, "[nq, M, D]", "float32");
+  const py::array_t<float> c = typed_array<float>(c_in, fn, "c", 1, "[nq]", "float32");
+  if (c.shape(0) != Y.shape(0))
+    throw py::value_error(err(fn, "c has shape " + shape_str(c) + " but Y has " + shape_str(Y) + ": expected c [nq]"));
+  const Setup st = check_setup(fn, Y, 1, 0, safety, out_rel, threads);
+  const Kernels kn = pick_checked(fn, isa);
+  const int64_t nq = Y.shape(0), M = st.M, D = st.D;
+  py::array_t<double> x({nq, M, M}), e({nq, M, M});
+  const float* y = Y.data();
+  const float* cp = c.data();
+  double* xp = x.mutable_data();
+  double* ep = e.mutable_data();
+  int64_t bad = -1;
+  {
+    py::gil_scoped_release release;
+    QueryWork& w = thread_work(st);
+    for (int64_t k = 0; k < nq && bad < 0; ++k) {
+      float ck = bf16_round(std::min(std::max(cp[k], -1e30f), 1e30f));
+      if (!approx_one(y + k * M * D, nullptr, &ck, st, kn, threads, w)) {
+        bad = k;
+        break;
+      }
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t j = 0; j < M; ++j) {
+          const double a = bf16_value(w.A[i * M + j]);
+          xp[(k * M + i) * M + j] = a + ck;
+          ep[(k * M + i) * M + j] = w.base[i] + out_rel * std::fabs(a);
+        }
+    }
+  }
+  if (bad >= 0) throw py::value_error(err(fn, bad_rows_message(bad)));
+  return py::make_tuple(x, e);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_rerank_cpu, m) {
-  m.doc() = "Certified bfloat16 neighbour selection for the SuperGlobal rerank (sgengine.kernels.rerank_cpu wraps it)";
-  m.def("prepare_bf16", &prepare_bf16, py::arg("y_ptr"), py::arg("q_ptr"), py::arg("b"), py::arg("M"), py::arg("D"),
-        py::arg("ld"), py::arg("Kp"), py::arg("left_ptr"), py::arg("right_ptr"), py::arg("shift_ptr"), py::arg("d_ptr"),
-        py::arg("base_ptr"), py::arg("norm_ptr"), py::arg("safety"), py::arg("threads") = 1, py::arg("isa") = "auto",
-        "float32 Y [b*M, D] -> bfloat16 operands [b*M, ld] (L = [bf16(y) | 1 | 0], R = [bf16(y) | -c | 0]),\n"
-        "d = Y q and c = bf16(K'-th largest of d) per query when q_ptr != 0 (else c is read),\n"
-        "the bound's row terms and the row norms (float64 [b*M]). right_ptr = 0: no R (gram_bf16 makes it from L).\n"
-        "Returns how many rows are not finite or too large (then nothing else is valid).");
-  m.def("certified_topk", &certified_topk, py::arg("a_ptr"), py::arg("y_ptr"), py::arg("b"), py::arg("M"),
-        py::arg("D"), py::arg("Kp"), py::arg("shift_ptr"), py::arg("base_ptr"), py::arg("norm_ptr"), py::arg("out_rel"),
-        py::arg("cap"),
-        py::arg("v_ptr"), py::arg("n_ptr"), py::arg("threads") = 1, py::arg("isa") = "auto",
-        "Exact top-K' per Gram row from a bounded bfloat16 approximation; returns (exact dots, dense rows).");
-  m.def("gram_bf16", &gram_bf16, py::arg("left_ptr"), py::arg("right_ptr"), py::arg("out_ptr"), py::arg("b"),
-        py::arg("M"), py::arg("ld"), py::arg("threads") = 1, py::arg("D") = -1, py::arg("shift_ptr") = 0,
-        "A = L R^T, bfloat16 [b, M, M] (nearest even), from bfloat16 L, R [b, M, ld] whose product is symmetric:\n"
-        "only the upper triangle is multiplied (AVX512_BF16), the rest mirrored. right_ptr = 0: R is L with\n"
-        "column D set to bf16(-c) (c: float32 [b] at shift_ptr), as prepare_bf16 makes it.");
-  m.def("gram_bf16_available", &gram_bf16_available, "Whether gram_bf16 runs here (AVX512_BF16 and AVX-512F/BW/VL/DQ).");
-  m.def("finish", &finish, py::arg("v_ptr"), py::arg("n_ptr"), py::arg("d_ptr"), py::arg("y_ptr"), py::arg("b"),
-        py::arg("M"), py::arg("D"), py::arg("Kp"), py::arg("beta"), py::arg("order_ptr"), py::arg("scores_ptr"),
+  m.doc() = "The certified bfloat16 rerank on the CPU (sgengine.kernels.rerank_cpu wraps it)";
+  m.def("certified_rerank", &certified_rerank, py::arg("Y"), py::arg("q"), py::arg("Kp"), py::arg("beta"),
+        py::arg("safety"), py::arg("out_rel"), py::arg("cap"), py::arg("threads") = 1, py::arg("isa") = "auto",
+        "SPEC 6 steps 2-8 for Y [nq, M, D] and q [nq, D] (float32, C-contiguous) with K' = Kp:\n"
+        "(order int64 [nq, M], scores float32 [nq, M], status uint8 [nq], (rows, exact_dots, dense_rows)).\n"
+        "status 1: a row of that query is not finite or too large; its order and scores are not valid.");
+  m.def("certified_neighbours", &certified_neighbours, py::arg("Y"), py::arg("q"), py::arg("Kp"), py::arg("safety"),
+        py::arg("out_rel"), py::arg("cap"), py::arg("threads") = 1, py::arg("isa") = "auto",
+        "SPEC 6.3 alone: (v float32 [nq, M, Kp] descending, n int64 [nq, M, Kp], (rows, exact_dots, dense_rows)).\n"
+        "q [nq, D] sets the shift as the rerank does; None: c = 0. ValueError for a row outside the bound's model.");
+  m.def("approx_gram_bound", &approx_gram_bound, py::arg("Y"), py::arg("c"), py::arg("safety"), py::arg("out_rel"),
         py::arg("threads") = 1, py::arg("isa") = "auto",
-        "SPEC 6.4-6.8 from the neighbours (v, n [b, M, Kp]), d = Y q [b, M] and Y [b, M, D] float32:\n"
-        "order [b, M] int64 and scores [b, M] float32, descending.");
-  m.def("certified_batch", &certified_batch, py::arg("y_ptr"), py::arg("q_ptr"), py::arg("nq"), py::arg("M"),
-        py::arg("D"), py::arg("Kp"), py::arg("beta"), py::arg("safety"), py::arg("out_rel"), py::arg("bound_scale"),
-        py::arg("cap"), py::arg("order_ptr"), py::arg("scores_ptr"), py::arg("status_ptr"), py::arg("threads") = 1,
-        py::arg("isa") = "auto",
-        "The certified rerank of nq queries in one call (Y [nq, M, D], q [nq, D] float32 -> order [nq, M] int64,\n"
-        "scores [nq, M] float32), a query per thread at a time; status [nq] uint8 = 1 where a row is not finite\n"
-        "(nothing written). Returns (rows, exact dots, dense rows).");
+        "The bfloat16 Gram with shift c [nq] (rounded to bfloat16) and its bound: (x, e), float64 [nq, M, M] each,\n"
+        "x = bf16 Gram, e = the bound the selection uses. ValueError for a row outside the bound's model.");
+  m.def("gram_bf16_available", &gram_bf16_available,
+        "Whether the certified entries run here (AVX512_BF16 and AVX-512F/BW/VL/DQ, and a compiler that has them).");
   m.def("isas", &supported_isas, "Instruction sets this CPU runs, best first ('auto' picks the first).");
   m.def("bf16_hardware", &bf16_hardware, "Whether the CPU has bfloat16 dot-product instructions (AVX512_BF16 or AMX).");
 #ifdef _OPENMP
