@@ -1,4 +1,4 @@
-"""The `sgengine` command: export, index build/info, search, describe, demo, eval."""
+"""The `sgengine` command: export, index build/info/ann, search, describe, demo, eval."""
 from __future__ import annotations
 
 import argparse
@@ -18,12 +18,22 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_index_build(a) -> int:
-    from .engine import Engine
-    from .indexing import build_index
-    engine = Engine.load(a.bundle, device=a.device, backend=a.backend, threads=a.threads,
-                         precision=a.precision)
-    rep = build_index(engine, a.folder, a.output, dtype="float16" if a.float16 else "float32",
-                      commit_every=a.commit_every, progress=not a.quiet)
+    dtype = "float16" if a.float16 else "float32"
+    if a.ray is not None:
+        from .indexing_ray import build_index_ray
+        rep = build_index_ray(a.bundle, a.folder, a.output, address=a.ray, workers=a.workers, device=a.device,
+                              backend=a.backend, precision=a.precision, threads=a.threads, dtype=dtype,
+                              commit_every=a.commit_every, progress=not a.quiet)
+    elif a.workers is not None:
+        from .errors import InputError
+        raise InputError("--workers sets the size of the Ray actor pool: use it with --ray [ADDRESS]")
+    else:
+        from .engine import Engine
+        from .indexing import build_index
+        engine = Engine.load(a.bundle, device=a.device, backend=a.backend, threads=a.threads,
+                             precision=a.precision)
+        rep = build_index(engine, a.folder, a.output, dtype=dtype, commit_every=a.commit_every,
+                          progress=not a.quiet)
     print(f"indexed {rep.added} new image(s), skipped {rep.skipped} already in {a.output}, "
           f"{len(rep.failed)} unreadable, of {rep.total} found")
     if rep.notes:
@@ -38,23 +48,58 @@ def _cmd_index_build(a) -> int:
 
 def _cmd_index_info(a) -> int:
     from .index import Index
+    from .search import ann
     idx = Index.open(a.index)
     info = {"path": str(idx.path), "count": len(idx), "dim": idx.dim, "dtype": idx.dtype,
-            "bundle_fingerprint": idx.bundle_fingerprint}
+            "bundle_fingerprint": idx.bundle_fingerprint, "ann": ann.info(idx)}
     print(json.dumps(info, indent=2))
+    return 0
+
+
+def _ann_params(a) -> dict | None:
+    params = {}
+    if a.nprobe is not None:
+        params["nprobe"] = a.nprobe
+    if a.ef_search is not None:
+        params["efSearch"] = a.ef_search
+    return params or None
+
+
+def _cmd_index_ann(a) -> int:
+    from .errors import InputError
+    from .index import Index
+    from .search import ann
+    if a.drop and a.update:
+        raise InputError("--drop and --update exclude each other")
+    idx = Index.open(a.index)
+    if a.drop:
+        print(f"dropped the ANN of {idx.path}" if ann.drop(idx) else f"{idx.path} has no ANN: nothing to drop")
+        return 0
+    if a.update:
+        rep = ann.update(idx, progress=not a.quiet)
+        r = rep.record
+        print(f"ANN {r['factory']} of {idx.path} is fresh: added {rep.added:,} row(s), now covers {r['count']:,}"
+              + (f" ({r['file']}, generation {r['generation']})" if rep.added else ""))
+        return 0
+    log = (lambda msg: None) if a.quiet else (lambda msg: print(msg, file=sys.stderr))
+    rep = ann.build(idx, a.factory, memory_budget=a.memory_budget, sample=a.sample, params=_ann_params(a), M=a.M,
+                    candidates=a.candidates, target_recall=a.target_recall, recall_queries=a.recall_queries,
+                    device=a.device, progress=not a.quiet, log=log)
+    print(rep.summary())
     return 0
 
 
 def _cmd_search(a) -> int:
     from .engine import Engine
     engine = Engine.load(a.bundle, index=a.index, device=a.device, backend=a.backend, threads=a.threads,
-                         precision=a.precision)
+                         precision=a.precision, ann=a.ann, ann_params=_ann_params(a), ann_candidates=a.ann_candidates)
     queries = a.queries
     res = engine.search(queries if len(queries) > 1 else queries[0], k=a.k, rerank=not a.no_rerank,
                         M=a.M, K=a.K, beta=a.beta)
     if a.json:
         out = {"queries": [{"query": q, "results": [{"id": i, "score": float(s)} for i, s in zip(res.ids[n], res.scores[n])]}
                            for n, q in enumerate(queries)],
+               "first_stage": res.first_stage,
                "timings_ms": {k_: round(v, 3) for k_, v in res.timings.items()}, "notes": res.notes}
         print(json.dumps(out, indent=2))
     else:
@@ -64,7 +109,8 @@ def _cmd_search(a) -> int:
         else:
             print(f"query {queries[0]}")
         print("\n".join(text))
-        print("timings (ms): " + ", ".join(f"{k_} {v:.1f}" for k_, v in res.timings.items()))
+        print(f"first stage: {res.first_stage}; timings (ms): "
+              + ", ".join(f"{k_} {v:.1f}" for k_, v in res.timings.items()))
         for n in res.notes:
             print(f"note: {n}")
     return 0
@@ -98,11 +144,41 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--float16", action="store_true", help="store descriptors as float16 (half the disk and memory)")
     b.add_argument("--commit-every", type=int, default=64, help="images per committed segment (default 64)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="embed on a Ray cluster (pip install 'sgengine[ray]'): a new local one, or the one at "
+                   "ADDRESS ('auto', HOST:PORT, ray://HOST:PORT); every node must see BUNDLE and FOLDER at the "
+                   "same paths. --threads is then the CPUs (and backend threads) of each worker")
+    b.add_argument("--workers", type=int, default=None,
+                   help="Ray workers, one engine each (default: the cluster's CPUs // threads, or its GPUs "
+                   "with --device cuda, one GPU per worker)")
     _add_engine_args(b)
     b.set_defaults(func=_cmd_index_build)
     info = ix.add_parser("info", help="print an index's manifest summary")
     info.add_argument("index")
     info.set_defaults(func=_cmd_index_info)
+    an = ix.add_parser("ann", help="build (or --update, --drop) the FAISS first stage of an index, "
+                       "for millions of rows")
+    an.add_argument("index")
+    an.add_argument("--factory", default="auto",
+                    help="'auto' (chosen from N, D and --memory-budget, as autofaiss does) or any FAISS factory "
+                    "string: 'HNSW32', 'IVF4096,SQ8', 'OPQ64_256,IVF16384_HNSW32,PQ64x8', 'Flat' ... (default auto)")
+    an.add_argument("--memory-budget", default="4GiB", help="memory the ANN may use, for --factory auto (default 4GiB)")
+    an.add_argument("--nprobe", type=int, default=None,
+                    help="IVF lists searched per query (default: the smallest reaching --target-recall)")
+    an.add_argument("--ef-search", type=int, default=None, help="HNSW efSearch (default: tuned like --nprobe)")
+    an.add_argument("--sample", type=int, default=None, help="training rows (default 64 per IVF list, >= 65,536)")
+    an.add_argument("--M", type=int, default=400, help="the rerank's M that recall@M is tuned for (default 400)")
+    an.add_argument("--candidates", type=int, default=None, help="M', candidates per query (default 2 x M)")
+    an.add_argument("--target-recall", type=float, default=0.95, help="recall@M the tuning aims for (default 0.95)")
+    an.add_argument("--recall-queries", type=int, default=200,
+                    help="stored rows used as queries to tune and report recall@M (default 200; 0 skips)")
+    an.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="train and add on the CPU, or on the GPU with faiss-gpu (default cpu)")
+    an.add_argument("--update", action="store_true",
+                    help="add the rows appended since the ANN was built (no retraining), making it fresh again")
+    an.add_argument("--drop", action="store_true", help="remove the index's ANN")
+    an.add_argument("--quiet", action="store_true", help="no progress bar")
+    an.set_defaults(func=_cmd_index_ann)
 
     s = sub.add_parser("search", help="search an index with one or more query images")
     s.add_argument("bundle")
@@ -114,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--K", type=int, default=None, help="neighbours per refined descriptor (default 9)")
     s.add_argument("--beta", type=float, default=None, help="neighbour weight (default 0.15)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.add_argument("--ann", default="auto", choices=("auto", "require", "off"),
+                   help="the index's FAISS first stage: auto (when it covers every row; else the exact scan, with a "
+                   "note), require (an error unless it does), off (default auto)")
+    s.add_argument("--nprobe", type=int, default=None, help="ANN: IVF lists searched (default: tuned at build)")
+    s.add_argument("--ef-search", type=int, default=None, help="ANN: HNSW efSearch (default: tuned at build)")
+    s.add_argument("--ann-candidates", type=int, default=None,
+                   help="ANN: M' candidates re-scored (default 2 x max(k, M))")
     _add_engine_args(s)
     s.set_defaults(func=_cmd_search)
 

@@ -9,11 +9,16 @@ backbone session is created, the whitening matrix is loaded, the head and rerank
 implementations are chosen; `describe()` shows those choices. A call then runs
 decode -> per scale (resize -> backbone -> pooling head -> L2 -> whitening) -> Scale-GeM ->
 first-stage search -> SuperGlobal rerank, and records the milliseconds of each stage.
+
+The first stage is the exact scan, or, when the index has a FAISS ANN and the engine's `ann`
+setting lets it run (sgengine.search.ann: "auto" uses it only when it covers every row), the
+ANN's M' candidates re-scored exactly from the stored rows; `SearchResult.first_stage` says which.
 """
 from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -25,11 +30,12 @@ import torch
 from . import head as head_stage
 from . import rerank as rerank_stage
 from . import search as search_stage
-from ._checks import check_finite, check_int, check_real, parse_device
+from .search import ann as ann_stage
+from ._checks import check_choice, check_finite, check_int, check_real, parse_device
 from .backbone import load_backbone
 from .bundle import Bundle
 from .cublas import ieee_if_cuda
-from .errors import BundleError, IndexMismatchError, InputError
+from .errors import BundleError, IndexError_, IndexMismatchError, InputError
 from .index import Index
 from .preprocess import DecodedImage, describe_source, ensure_min_size, load_image, resize_for_scale, to_tensor
 
@@ -49,6 +55,10 @@ class SearchResult:
     nq lists, `rows` [nq, k] int64 positions in the index, `scores` [nq, k] float32. `result[i]`
     is query i's `QueryResult` (`result[0].ids` for a single query). `timings` holds milliseconds
     per stage for the whole call; `notes` says what was adjusted (k clamped, image upscaled...).
+    `first_stage` says what produced the candidates: "exact" (the exact scan, timed as "search"),
+    "ann" (the index's FAISS ANN, timed as "ann", its candidates re-scored exactly from the stored
+    rows, timed as "rescore"), or "ann+exact" (the ANN, except for the queries it could not give
+    max(k, M) candidates, which the notes name and which ran the exact scan).
     """
 
     ids: list[list]
@@ -56,6 +66,7 @@ class SearchResult:
     scores: np.ndarray
     timings: dict[str, float]
     notes: list[str] = field(default_factory=list)
+    first_stage: str = "exact"
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -112,6 +123,11 @@ class _Timer:
         return dict(self.ms)
 
 
+# Gathered candidate rows per re-score step: 64 MiB keeps a batch of queries from gathering
+# nq x M' x D floats at once (64 queries x 800 x 2048 would be 420 MB).
+_RESCORE_BLOCK_BYTES = 64 << 20
+
+
 def _is_descriptor_input(query: Any) -> bool:
     if isinstance(query, torch.Tensor):
         return query.is_floating_point()
@@ -143,7 +159,9 @@ class Engine:
     """SuperGlobal retrieval over a bundle (and optionally an index). Build with `Engine.load`."""
 
     def __init__(self, bundle: Bundle, backbone, index: Index | None, *, device: torch.device, head_impl: str,
-                 rerank_impl: str, search_impl: str, max_side: int | None, cuda_graphs: bool | None) -> None:
+                 rerank_impl: str, search_impl: str, max_side: int | None, cuda_graphs: bool | None,
+                 ann: str = "auto", ann_candidates: int | None = None, ann_params: dict | None = None,
+                 ann_device: str = "auto") -> None:
         self.bundle = bundle
         self.backbone = backbone
         self.index = index
@@ -162,6 +180,14 @@ class Engine:
         # The search stage: the index rows as this device reads them (resident copy, host cache).
         self._rows = None if index is None else search_stage.DeviceRows(index, device)
         self._rerank = rerank_stage.IMPLS[rerank_impl]
+        # The ANN first stage: loaded when the index has a fresh one (or later, when one becomes
+        # fresh in this process), never used stale (sgengine.search.ann).
+        self.ann_mode = ann
+        self.ann_candidates = ann_candidates
+        self.ann_params = dict(ann_params) if ann_params else None
+        self.ann_device = ann_device
+        self._ann: ann_stage.Ann | None = None
+        self._ann_lock = threading.Lock()
         self._rerank_graphs = None
         if device.type == "cuda" and rerank_impl == "triton" and cuda_graphs is not False:
             # At batch 1 the Triton rerank is ~0.07 ms of GPU work behind ~0.35 ms of launches
@@ -176,7 +202,8 @@ class Engine:
              device: str = "cpu", backend: str = "auto", *, precision: str = "fp32", head_impl: str = "auto",
              rerank_impl: str = "auto", threads: int | None = None, max_side: int | None = None,
              cuda_graphs: bool | None = None, plan_cache: str | os.PathLike | None = None,
-             build_plan: bool = True, search_impl: str = "auto") -> "Engine":
+             build_plan: bool = True, search_impl: str = "auto", ann: str = "auto", ann_candidates: int | None = None,
+             ann_params: dict | None = None, ann_device: str = "auto") -> "Engine":
         """Verify the bundle, create the backbone session once, open the index (same bundle only),
         and choose every stage's implementation; `describe()` shows the choices.
 
@@ -191,9 +218,28 @@ class Engine:
         (default on, on CUDA). plan_cache / build_plan: where TensorRT plans are cached (default:
         beside the bundle) and whether a missing or stale one may be built now (minutes). On CUDA
         the index rows are uploaded here, once.
+
+        The ANN first stage (an index with `sgengine index ann`; sgengine.search.ann):
+        ann: "auto" (default) uses the index's ANN when it covers every row and runs the exact scan
+        otherwise, with a note in each result saying why; "require" raises when there is no fresh
+        ANN (here, or at a search after rows were added); "off" always runs the exact scan.
+        ann_candidates: M', how many candidates the ANN proposes for exact re-scoring (default
+        2 * max(k, M); raised to max(k, M) with a note when smaller). ann_params: search parameters
+        overriding the ones tuned at build, e.g. {"nprobe": 64} or {"efSearch": 1000}. ann_device:
+        "auto" (on a CUDA engine, the GPU when FAISS has GPU support, else the CPU, as describe()
+        says), "cpu", or "cuda" (BackendUnavailableError without faiss-gpu). A fresh ANN is
+        verified and loaded here: one of another index or revision, or a damaged one, raises.
         """
         if threads is not None:
             threads = check_int(threads, "threads", 1)
+        check_choice(ann, "ann", ann_stage.MODES)
+        check_choice(ann_device, "ann_device", ann_stage.DEVICES)
+        if ann_candidates is not None:
+            ann_candidates = check_int(ann_candidates, "ann_candidates", 1)
+        if ann_params is not None and not isinstance(ann_params, dict):
+            raise InputError(f"ann_params must be a dict like {{'nprobe': 64}}, got {type(ann_params).__name__}")
+        if ann == "require" and index is None:
+            raise InputError("ann='require' needs an index: Engine.load(bundle, index='index/', ann='require')")
         dev = parse_device(device)
         b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         if not b.head_config.pooling_is_spec():
@@ -226,7 +272,13 @@ class Engine:
             search = search_stage.resolve_impl(search_impl, dev, "float32")
         rerank = rerank_stage.resolve_impl(rerank_impl, dev, m_default)
         engine = cls(b, bb, idx, device=dev, head_impl=head, rerank_impl=rerank, search_impl=search,
-                     max_side=max_side if max_side is not None else b.max_side, cuda_graphs=cuda_graphs)
+                     max_side=max_side if max_side is not None else b.max_side, cuda_graphs=cuda_graphs,
+                     ann=ann, ann_candidates=ann_candidates, ann_params=ann_params, ann_device=ann_device)
+        if idx is not None and ann != "off":
+            if ann == "require" or idx.ann_state() == "fresh":
+                engine._ann_for(ann)  # verifies and loads it now; "require" raises when there is none fresh
+            if threads is not None and engine._ann is not None:
+                ann_stage.set_threads(threads)
         if engine._rows is not None:
             engine._rows.preload()
         return engine
@@ -252,7 +304,59 @@ class Engine:
             "index": None if self.index is None else {
                 "path": str(self.index.path), "count": len(self.index), "dtype": self.index.dtype,
                 "rows": self._rows.residency()},
+            "ann": self._describe_ann(),
         }
+
+    def _describe_ann(self) -> dict | None:
+        """The ANN setting, the index's ANN (state, factory, library, device, params, bytes per
+        row, recall measured at build) and what a search runs now ("first_stage")."""
+        if self.index is None:
+            return None
+        state = self.index.ann_state()
+        rec = self.index.ann
+        out: dict[str, Any] = {
+            "mode": self.ann_mode,
+            "state": state if state != "stale" else f"stale: covers {rec['count']:,} of {len(self.index):,} rows",
+            "candidates": (f"M' = max({self.ann_candidates}, k, M)" if self.ann_candidates is not None
+                           else f"M' = {ann_stage.CANDIDATE_FACTOR} x max(k, M)"),
+        }
+        if self._ann is not None and rec is not None and self._ann.sha256 == rec["sha256"]:
+            out.update(self._ann.describe())
+        elif rec is not None:
+            out.update(factory=rec["factory"], count=rec["count"], bytes=rec["bytes"],
+                       bytes_per_row=round(rec["bytes"] / rec["count"], 1), file=rec["file"])
+        out["first_stage"] = "ann" if self.ann_mode != "off" and state == "fresh" else "exact"
+        return out
+
+    def _ann_for(self, mode: str) -> tuple[ann_stage.Ann | None, str | None]:
+        """The ANN a search in `mode` uses (None: the exact scan), and the note to add when the
+        index has one that is not used. "require" raises instead of falling back."""
+        if mode == "off":
+            return None, None
+        p = self.index.path
+        state = self.index.ann_state()
+        if state == "absent":
+            if mode == "require":
+                raise IndexError_(f"index {p} has no ANN and ann='require': build one (sgengine index ann {p}), "
+                                  "or search with ann='auto' or 'off'")
+            return None, None
+        rec = self.index.ann
+        if state == "stale":
+            why = (f"the ANN of index {p} is stale: it covers {rec['count']:,} of the {len(self.index):,} rows "
+                   "(rows were added after it was built)")
+            if mode == "require":
+                raise IndexError_(f"{why} and ann='require': update it (sgengine index ann {p} --update), or search "
+                                  "with ann='auto' (the exact scan while it is stale) or 'off'")
+            return None, f"{why}; the exact scan ran. Update it: sgengine index ann {p} --update"
+        note = None
+        if self._ann is None or self._ann.sha256 != rec["sha256"]:
+            with self._ann_lock:
+                if self._ann is None or self._ann.sha256 != rec["sha256"]:
+                    if self._ann is not None:
+                        note = f"loaded the index's new ANN ({rec['file']})"
+                    self._ann = ann_stage.Ann.load(self.index, device=self.ann_device, engine_device=self.device,
+                                                   params=self.ann_params)
+        return self._ann, note
 
     # ---------------------------------------------------------------- embedding
     def decode(self, source: Any, *, name: str | None = None, color_order: str = "RGB") -> DecodedImage:
@@ -372,13 +476,15 @@ class Engine:
 
     @_on_device
     def search(self, query: Any, k: int = 100, *, rerank: bool = True, M: int | None = None, K: int | None = None,
-               beta: float | None = None, color_order: str = "RGB") -> SearchResult:
+               beta: float | None = None, color_order: str = "RGB", ann: str | None = None) -> SearchResult:
         """Rank the index for one query or a batch: a `SearchResult` with one row per query.
 
         query: an image (path, bytes, PIL, uint8 array), a list of images, or precomputed descriptors
         (a floating numpy array / tensor, [D] or [n, D]). rerank=True applies SuperGlobal reranking
         to the first-stage top M (defaults from the bundle: M=400, K=9, beta=0.15).
         k > len(index) is clamped to len(index) (noted in result.notes); k <= 0 is an error.
+        ann: this call's ANN setting ("auto", "require", "off"; default: the engine's, see
+        `Engine.load`); `result.first_stage` says what ran.
         """
         if self.index is None:
             raise InputError("this engine has no index: Engine.load(bundle, index='index/')")
@@ -390,6 +496,7 @@ class Engine:
         M = check_int(d["M"] if M is None else M, "M", 1)
         K = check_int(d["K"] if K is None else K, "K", 0)
         beta = check_real(d["beta"] if beta is None else beta, "beta")
+        mode = self.ann_mode if ann is None else check_choice(ann, "ann", ann_stage.MODES)
         t_start = time.perf_counter()
         timer = _Timer(self.device)
 
@@ -398,12 +505,20 @@ class Engine:
             notes.append(f"k={k} clamped to the index size {n}")
             k = n
         m = min(M, n) if rerank else 0
+        ann_index, why = self._ann_for(mode)
+        if why:
+            notes.append(why)
         # From here on everything stays on the engine's device (the rows are resident there, or
         # streamed to it); only the final top-k ids and scores are copied back.
-        t0 = timer.now()
-        scores, rows = self._rows.topk(q, max(k, m), self.search_impl)
-        t0 = timer.add("search", t0)
-        if m:
+        if ann_index is not None and len(q):
+            scores, rows, first_stage = self._ann_first_stage(ann_index, q, k, max(k, m), timer, notes)
+            t0 = timer.now()
+        else:
+            first_stage = "exact"
+            t0 = timer.now()
+            scores, rows = self._rows.topk(q, max(k, m), self.search_impl)
+            t0 = timer.add("search", t0)
+        if m and len(q):
             Y = self._rows.gather(rows[:, :m])
             t0 = timer.add("gather", t0)
             order, f = self._rerank(q, Y, K, beta)
@@ -416,4 +531,59 @@ class Engine:
         all_ids = self.index.ids
         ids = [[all_ids[r] for r in row] for row in rows_np]
         ms["total"] = (time.perf_counter() - t_start) * 1e3
-        return SearchResult(ids, rows_np, scores_np, ms, notes)
+        return SearchResult(ids, rows_np, scores_np, ms, notes, first_stage)
+
+    def _ann_first_stage(self, ann_index: ann_stage.Ann, q: torch.Tensor, k: int, need: int, timer: _Timer,
+                         notes: list[str]) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """The first stage through the ANN: its M' candidates, re-scored exactly, cut to the top
+        `need` = max(k, M) by exact score -> (scores [nq, need] float32 descending, rows [nq, need]
+        int64, first_stage) on the engine's device, as the exact scan returns them. A query the
+        ANN cannot give `need` candidates runs the exact scan ("ann+exact", named in the notes).
+        Trusts its inputs (q [nq >= 1, D] float32 on the device, 1 <= need <= len(index))."""
+        n = len(self.index)
+        want = self.ann_candidates if self.ann_candidates is not None else ann_stage.default_candidates(k, need)
+        if want < need:
+            notes.append(f"ann_candidates={want} raised to max(k, M) = {need}")
+        mp = min(n, max(want, need))
+        # FAISS reads host arrays: on CUDA this copy waits for the embedding, which its own
+        # events have timed, so the "ann" clock starts after it.
+        q_host = np.ascontiguousarray(q.detach().cpu().numpy(), dtype=np.float32)
+        t0 = timer.now(host=True)
+        cand = ann_index.search(q_host, mp)
+        timer.add("ann", t0)
+        t0 = timer.now()
+        scores, rows = self._rescore(q, cand, need)
+        timer.add("rescore", t0)
+        short = np.flatnonzero((cand >= 0).sum(axis=1) < need)
+        if not len(short):
+            return scores, rows, "ann"
+        t0 = timer.now()
+        sel = torch.from_numpy(short).to(q.device)
+        s_exact, r_exact = self._rows.topk(q[sel], need, self.search_impl)
+        scores[sel], rows[sel] = s_exact, r_exact
+        timer.add("search", t0)
+        shown = ", ".join(str(int(i)) for i in short[:10]) + (" ..." if len(short) > 10 else "")
+        notes.append(f"the ANN gave fewer than max(k, M) = {need} candidates for {len(short)} of {len(q)} queries "
+                     f"({shown}): the exact scan ran for those (raise nprobe or efSearch)")
+        return scores, rows, "ann+exact"
+
+    @torch.no_grad()
+    def _rescore(self, q: torch.Tensor, cand: np.ndarray, need: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact float32 scores q.x of the candidate rows (cand [nq, M'] int64, -1 = none), read
+        from the stored rows, and the top `need` by that score: (scores, rows) [nq, need]. The same
+        float32 products as the exact scan's, summed in another order (they differ by ~1e-6 at
+        D = 1280), so whenever the candidates hold the exact top M the rerank gets the exact
+        pipeline's candidates, in its order up to ties within that rounding (SPEC 6, ties)."""
+        c = torch.from_numpy(cand).to(q.device)
+        valid = c >= 0
+        safe = torch.where(valid, c, torch.zeros_like(c))
+        nq, mp = c.shape
+        s = torch.empty(nq, mp, dtype=torch.float32, device=q.device)
+        step = max(1, _RESCORE_BLOCK_BYTES // (4 * mp * self.dim))
+        for a in range(0, nq, step):
+            Y = self._rows.gather(safe[a:a + step])  # [b, M', D] float32
+            with ieee_if_cuda(Y):  # float32 products: no TF32, whatever the process flags
+                s[a:a + step] = torch.bmm(Y, q[a:a + step, :, None]).squeeze(2)
+        s.masked_fill_(~valid, float("-inf"))
+        top, pos = torch.topk(s, need, dim=1, largest=True, sorted=True)
+        return top, torch.gather(safe, 1, pos)

@@ -7,23 +7,43 @@ Directory layout (format "sgengine-index", format_version 1)::
 
     index/
       manifest.json              the commit record: the only file that says what the index holds
-      index.lock                 advisory lock taken by writers (add, compact); absent until one runs
+      index.lock                 advisory lock taken by writers (add, compact, ANN commits); absent until one runs
       segments/
         seg-000000.npy           descriptor rows of one append, [count, dim], float32 or float16,
                                  plain .npy (memory-mapped on open)
         seg-000000.ids.json      the external string ids of those rows, in row order (a JSON list)
         seg-000001.npy ...
+      ann/                       optional: the approximate first stage (sgengine.search.ann)
+        ann-000009.faiss         faiss.write_index's bytes; the number is the generation that installed it
+        ann-000009.json          its sidecar: what it is and which index and revision it belongs to
 
 manifest.json::
 
     {"format": "sgengine-index", "format_version": 1,
+     "uid": "<32 hex>",                    # random, fixed at create: names this index in ANN sidecars
      "bundle_fingerprint": "<hex>", "dim": 2048, "dtype": "float32", "count": 1234,
      "generation": 7,                      # +1 per commit
      "created": "<UTC ISO 8601>", "updated": "<UTC ISO 8601>",
      "segments": [{"file": "segments/seg-000000.npy", "ids_file": "segments/seg-000000.ids.json",
-                   "count": 64, "sha256": "<of the .npy>", "ids_sha256": "<of the ids file>"}, ...]}
+                   "count": 64, "sha256": "<of the .npy>", "ids_sha256": "<of the ids file>"}, ...],
+     "ann": {"file": "ann/ann-000009.faiss", "meta_file": "ann/ann-000009.json",   # optional
+             "sha256": "<of the .faiss>", "meta_sha256": "<of the sidecar>", "bytes": 123456,
+             "count": 1200, "generation": 9, "factory": "IVF256,SQ8"}}
 
-Rows are numbered in manifest order: segment 0's rows first, then segment 1's, and so on.
+Rows are numbered in manifest order: segment 0's rows first, then segment 1's, and so on. Rows
+are only ever appended, and compaction keeps their order, so a row's number never changes.
+
+The ANN record. "count" is how many rows the ANN covers: rows 0..count-1. The ANN is *fresh*
+when count equals the index's count and *stale* otherwise (`ann_state()`): `add` carries the
+record over unchanged, so the commit that appends rows is the commit that makes the ANN stale,
+and a writer that knows nothing of ANNs (an older sgengine) cannot make a stale one look fresh.
+This module records, hashes and verifies the ANN's two files and opens nothing FAISS-specific;
+sgengine.search.ann builds, updates and searches them. The sidecar repeats the index's uid, bundle
+fingerprint and dim, and the generation, count, sha256 and size of its .faiss file:
+`ann_meta()` / `read_ann()` refuse a file whose sidecar names another index or another revision
+(IndexMismatchError) and one whose bytes do not match the manifest (IndexError_), before a byte
+of it is parsed. `commit_ann` installs a new ANN like an add: both files under new names, then the
+manifest; the previous ANN's files are deleted only after that commit.
 
 Commit protocol. `add` writes the new segment's two files under temporary names, fsyncs them,
 renames them into place, fsyncs `segments/`, then writes `manifest.json.tmp`, fsyncs it and
@@ -39,11 +59,13 @@ The ids file's sha256 is checked on every open (it is read anyway); the descript
 sha256 only by `verify()`, because hashing gigabytes on every open would defeat mmap. Their
 shape and dtype are checked on open from the .npy header.
 
-Test hook: the environment variable SGENGINE_INDEX_CRASH_AT, read only inside `add`, makes the
-process `os._exit(77)` at one point of the commit: "after-segment" (segment files renamed into
-place, manifest untouched), "before-manifest" (manifest.json.tmp written and fsynced, not yet
-renamed) or "after-manifest" (committed). tests/test_index.py uses it to crash a real child
-process mid-append.
+Test hook: the environment variable SGENGINE_INDEX_CRASH_AT, read only inside `add` and
+`commit_ann`, makes the process `os._exit(77)` at one point of the commit: "after-segment"
+(segment files renamed into place, manifest untouched), "before-manifest" (manifest.json.tmp
+written and fsynced, not yet renamed) or "after-manifest" (committed); for an ANN commit
+"ann-mid-file" (the .faiss temporary file partly written), "ann-after-file" (.faiss renamed into
+place, no sidecar), "ann-before-manifest" and "ann-after-manifest". tests/test_index.py and
+tests/test_ann.py use it to crash a real child process mid-commit.
 """
 from __future__ import annotations
 
@@ -52,10 +74,11 @@ import itertools
 import json
 import os
 import re
+import secrets
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -64,7 +87,7 @@ from ._checks import check_choice, check_int
 from ._io import sha256_file, write_bytes_atomic, write_json_atomic, write_stream_atomic
 from .errors import IndexError_, IndexMismatchError, InputError
 
-__all__ = ["Index", "FORMAT", "FORMAT_VERSION", "NORM_TOLERANCE"]
+__all__ = ["Index", "FORMAT", "FORMAT_VERSION", "NORM_TOLERANCE", "ANN_FORMAT", "ANN_FORMAT_VERSION"]
 
 FORMAT = "sgengine-index"
 FORMAT_VERSION = 1
@@ -79,8 +102,14 @@ _MANIFEST_TMP = "manifest.json.tmp"
 _LOCK = "index.lock"
 _SEGDIR = "segments"
 _SEG_RE = re.compile(r"^segments/seg-(\d{6,})\.npy$")
+_ANNDIR = "ann"
+_ANN_RE = re.compile(r"^ann/ann-(\d{6,})\.faiss$")
+ANN_FORMAT = "sgengine-ann"
+ANN_FORMAT_VERSION = 1
 _CRASH_ENV = "SGENGINE_INDEX_CRASH_AT"
-_CRASH_POINTS = ("after-segment", "before-manifest", "after-manifest")
+_CRASH_POINTS = ("after-segment", "before-manifest", "after-manifest",
+                 "ann-mid-file", "ann-after-file", "ann-before-manifest", "ann-after-manifest")
+_T = TypeVar("_T")
 _REVISIONS = itertools.count(1)  # Index.revision: unique in the process, so no two loads share one
 
 
@@ -101,6 +130,18 @@ def _write_npy(final: Path, shape: tuple[int, int], dtype: np.dtype, blocks: Ite
         for b in blocks:
             w.write(np.ascontiguousarray(b, dtype=dtype).tobytes())
     return write_stream_atomic(final, write)
+
+
+class _CrashAfterFirstWrite:
+    """A stream that dies after its first write: the "ann-mid-file" crash point."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, b) -> int:
+        n = self._stream.write(b)
+        _crash_point("ann-mid-file")
+        return n
 
 
 def _write_ids(final: Path, ids: Sequence[str]) -> str:
@@ -169,7 +210,7 @@ class Index:
                                   "choose an empty or new directory")
         (root / _SEGDIR).mkdir(parents=True, exist_ok=True)
         now = _utcnow()
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "uid": secrets.token_hex(16),
                     "bundle_fingerprint": bundle_fingerprint, "dim": int(dim), "dtype": dtype,
                     "count": 0, "generation": 0, "created": now, "updated": now, "segments": []}
         _commit_manifest(root, manifest)
@@ -281,6 +322,26 @@ class Index:
         """A copy of the committed manifest."""
         return json.loads(json.dumps(self._manifest))
 
+    @property
+    def uid(self) -> str | None:
+        """The random id fixed when the index was created (None for an index made before uids,
+        until its first ANN commit gives it one)."""
+        return self._manifest.get("uid")
+
+    @property
+    def ann(self) -> dict | None:
+        """A copy of the manifest's ANN record (module docstring), or None when there is no ANN."""
+        rec = self._manifest.get("ann")
+        return None if rec is None else dict(rec)
+
+    def ann_state(self) -> str:
+        """"absent", "fresh" (the ANN covers every row) or "stale" (rows were added after it was
+        built or last updated: it covers only the first `ann["count"]`)."""
+        rec = self._manifest.get("ann")
+        if rec is None:
+            return "absent"
+        return "fresh" if rec["count"] == len(self._ids) else "stale"
+
     def __len__(self) -> int:
         return len(self._ids)
 
@@ -328,17 +389,190 @@ class Index:
         if r.size and (r.min() < 0 or r.max() >= n):
             bad = r[(r < 0) | (r >= n)].ravel()[0]
             raise InputError(f"row {int(bad)} is out of range for index {self._path} with {n} rows")
-        flat = np.take(self.vectors(), r.reshape(-1), axis=0)
-        return np.asarray(flat, dtype=np.float32).reshape(r.shape + (self._dim,))
+        flat = r.reshape(-1)
+        if len(self._arrays) <= 1 or self._concat is not None:
+            out = np.take(self.vectors(), flat, axis=0)
+        else:  # straight from each segment: concatenating them all for a few rows would copy the index
+            out = np.empty((flat.size, self._dim), dtype=self._dtype)
+            offsets = self._offsets()
+            seg = np.searchsorted(offsets, flat, side="right") - 1
+            for s in np.unique(seg):
+                pick = seg == s
+                out[pick] = np.take(self._arrays[s], flat[pick] - offsets[s], axis=0)
+        return np.asarray(out, dtype=np.float32).reshape(r.shape + (self._dim,))
+
+    def _offsets(self) -> np.ndarray:
+        """First row of each segment."""
+        return np.cumsum([0] + [len(a) for a in self._arrays[:-1]]) if self._arrays else np.zeros(0, np.int64)
+
+    def iter_rows(self, start: int = 0, stop: int | None = None, *, block_rows: int = 1 << 16
+                  ) -> Iterator[tuple[int, np.ndarray]]:
+        """Rows start..stop-1 as (first row, float32 block [<= block_rows, D]) in row order, read
+        segment by segment (nothing is concatenated), for passes over a large index."""
+        n = len(self._ids)
+        stop = n if stop is None else stop
+        if not 0 <= start <= stop <= n:
+            raise InputError(f"rows {start}..{stop} are out of range for index {self._path} with {n} rows")
+        block_rows = check_int(block_rows, "block_rows", 1)
+        base = 0
+        for arr in self._arrays:
+            lo, hi = max(start, base), min(stop, base + len(arr))
+            for a in range(lo, hi, block_rows):
+                b = min(a + block_rows, hi)
+                yield a, np.asarray(arr[a - base:b - base], dtype=np.float32)
+            base += len(arr)
 
     def verify(self) -> None:
-        """Hash every segment file against the manifest (reads everything: for `index info`, not for queries)."""
+        """Hash every segment file, and the ANN's files, against the manifest (reads everything:
+        for `index info`, not for queries)."""
         for seg in self._manifest["segments"]:
             for key, hkey in (("file", "sha256"), ("ids_file", "ids_sha256")):
                 f = self._path / seg[key]
                 if sha256_file(f) != seg[hkey]:
                     raise IndexError_(f"index {self._path}: {f.name} does not match its sha256 in the manifest; "
                                       "the index is damaged. Rebuild it")
+        if "ann" in self._manifest:
+            self._verified_ann_file()
+
+    # ------------------------------------------------------------ the ANN's files
+    def _ann_fix(self) -> str:
+        return (f"rebuild it (sgengine index ann {self._path}), drop it (sgengine index ann {self._path} --drop), "
+                "or search without it (ann='off')")
+
+    def _ann_moved_on(self, rec: dict) -> str:
+        """A hint when another process has committed another ANN since this object read the manifest."""
+        try:
+            now = _read_manifest(self._path).get("ann")
+        except IndexError_:
+            return ""
+        return "" if now == rec else " (the manifest on disk now lists another ANN: reopen the index)"
+
+    def ann_meta(self) -> dict:
+        """The ANN's sidecar, checked against the manifest (module docstring): IndexMismatchError
+        for a sidecar of another index or another revision of this one, IndexError_ for a missing
+        or damaged one, InputError when the index has no ANN. Cheap: reads the sidecar only."""
+        rec = self._manifest.get("ann")
+        if rec is None:
+            raise InputError(f"index {self._path} has no ANN: build one with sgengine index ann {self._path}")
+        f = self._path / rec["meta_file"]
+        try:
+            data = f.read_bytes()
+        except FileNotFoundError:
+            raise IndexError_(f"index {self._path}: the ANN's sidecar {rec['meta_file']} is missing"
+                              f"{self._ann_moved_on(rec)}; {self._ann_fix()}") from None
+        try:
+            meta = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            meta = None
+        if not isinstance(meta, dict) or meta.get("format") != ANN_FORMAT:
+            raise IndexError_(f"index {self._path}: {rec['meta_file']} is not an sgengine ANN sidecar; "
+                              f"{self._ann_fix()}")
+        theirs = (meta.get("index_uid"), meta.get("bundle_fingerprint"), meta.get("dim"))
+        ours = (self._manifest.get("uid"), self.bundle_fingerprint, self._dim)
+        if theirs != ours:
+            raise IndexMismatchError(
+                f"index {self._path}: the ANN in {rec['meta_file']} belongs to another index (index uid "
+                f"{str(theirs[0])[:12]}, bundle {str(theirs[1])[:12]}, dim {theirs[2]}; this index is uid "
+                f"{str(ours[0])[:12]}, bundle {ours[1][:12]}, dim {ours[2]}); {self._ann_fix()}")
+        theirs = (meta.get("generation"), meta.get("count"), meta.get("sha256"), meta.get("bytes"))
+        ours = (rec["generation"], rec["count"], rec["sha256"], rec["bytes"])
+        if theirs != ours:
+            raise IndexMismatchError(
+                f"index {self._path}: {rec['meta_file']} describes another revision of this index's ANN "
+                f"(generation {theirs[0]}, {theirs[1]} rows; the manifest lists generation {ours[0]}, "
+                f"{ours[1]} rows){self._ann_moved_on(rec)}; {self._ann_fix()}")
+        if hashlib.sha256(data).hexdigest() != rec["meta_sha256"]:
+            raise IndexError_(f"index {self._path}: {rec['meta_file']} does not match its sha256 in the manifest; "
+                              f"the ANN is damaged: {self._ann_fix()}")
+        return meta
+
+    def _verified_ann_file(self) -> tuple[Path, dict]:
+        meta = self.ann_meta()
+        rec = self._manifest["ann"]
+        f = self._path / rec["file"]
+        try:
+            size = f.stat().st_size
+        except FileNotFoundError:
+            raise IndexError_(f"index {self._path}: the ANN file {rec['file']} is missing{self._ann_moved_on(rec)}; "
+                              f"{self._ann_fix()}") from None
+        if size != rec["bytes"] or sha256_file(f) != rec["sha256"]:
+            raise IndexError_(f"index {self._path}: {rec['file']} does not match its size and sha256 in the manifest "
+                              f"(an ANN of another index copied in, or a damaged file); {self._ann_fix()}")
+        return f, meta
+
+    def read_ann(self, read: Callable[[Callable[[int], bytes]], _T]) -> tuple[_T, dict]:
+        """Verify the ANN (its sidecar as `ann_meta` does, then its file's size and sha256), then
+        return (read(readinto), sidecar), where `readinto(n)` gives the file's next <= n bytes.
+
+        The whole file is hashed before `read` sees a byte: a parser handed a foreign or corrupt
+        file can allocate whatever a garbled header asks for, or crash. The second read comes from
+        the page cache; files are never rewritten in place (writers use new names), so the bytes
+        hashed are the bytes read.
+        """
+        f, meta = self._verified_ann_file()
+        with open(f, "rb") as fh:
+            return read(fh.read), meta
+
+    def commit_ann(self, prepare: Callable[["Index"], tuple[Callable[[Any], None], dict, int]]) -> dict:
+        """Install a new ANN, committed like an add (module docstring); returns its manifest record.
+
+        Under the writer lock, after picking up other writers' commits, `prepare(self)` returns
+        (write, fields, count): `write(stream)` streams the .faiss file's bytes to `stream.write`,
+        `fields` go into the sidecar beside the ones this method fills in (index uid, bundle, dim,
+        generation, count, sha256, bytes), and `count` is how many rows the ANN covers (rows
+        0..count-1, 1 <= count <= len(self); the index may have grown since the caller last looked:
+        `prepare` is where to catch up). A crash at any point leaves the committed manifest, the
+        rows and the previous ANN untouched; the files written so far are orphans that the next
+        writer deletes.
+        """
+        with _writer_lock(self._path):
+            self._refresh()
+            self._clean_orphans()
+            write, fields, count = prepare(self)
+            count = check_int(count, "ANN row count", 1)
+            if count > len(self._ids):
+                raise InputError(f"an ANN of {count} rows cannot belong to index {self._path} of {len(self._ids)} rows")
+            m = json.loads(json.dumps(self._manifest))
+            m["generation"] = gen = int(m["generation"]) + 1
+            m["updated"] = _utcnow()
+            m.setdefault("uid", secrets.token_hex(16))
+            ann_dir = self._path / _ANNDIR
+            ann_dir.mkdir(exist_ok=True)
+            f = ann_dir / f"ann-{gen:06d}.faiss"
+            mf = ann_dir / f"ann-{gen:06d}.json"
+            wrap = ((lambda w: write(_CrashAfterFirstWrite(w))) if os.environ.get(_CRASH_ENV) == "ann-mid-file"
+                    else write)
+            sha = write_stream_atomic(f, wrap)
+            _crash_point("ann-after-file")
+            size = f.stat().st_size
+            meta = {"format": ANN_FORMAT, "format_version": ANN_FORMAT_VERSION, **fields,
+                    "index_uid": m["uid"], "bundle_fingerprint": m["bundle_fingerprint"], "dim": self._dim,
+                    "index_dtype": self._dtype, "generation": gen, "count": count, "file": f.name,
+                    "sha256": sha, "bytes": size, "committed": m["updated"]}
+            meta_sha = write_json_atomic(mf, meta)
+            m["ann"] = {"file": f"{_ANNDIR}/{f.name}", "meta_file": f"{_ANNDIR}/{mf.name}", "sha256": sha,
+                        "meta_sha256": meta_sha, "bytes": size, "count": count, "generation": gen,
+                        "factory": str(fields.get("factory", ""))}
+            _commit_manifest(self._path, m, crash_at="ann-before-manifest")
+            _crash_point("ann-after-manifest")
+            self._manifest = m
+            self._clean_orphans()
+            return dict(m["ann"])
+
+    def drop_ann(self) -> bool:
+        """Remove the ANN (one commit, then its files are deleted). False when there was none."""
+        with _writer_lock(self._path):
+            self._refresh()
+            if "ann" not in self._manifest:
+                return False
+            m = json.loads(json.dumps(self._manifest))
+            del m["ann"]
+            m["generation"] = int(m["generation"]) + 1
+            m["updated"] = _utcnow()
+            _commit_manifest(self._path, m)
+            self._manifest = m
+            self._clean_orphans()
+            return True
 
     # ------------------------------------------------------------ writing
     def add(self, descriptors, ids: Sequence[str]) -> None:
@@ -347,7 +581,8 @@ class Index:
         Everything is checked before anything is written: D, finite values, unit L2 norm per
         row (|norm - 1| <= NORM_TOLERANCE; zero rows refused), one non-empty str id per row,
         ids unique and not already in the index. Rows are stored as the index dtype. n = 0 is
-        a no-op.
+        a no-op. An ANN recorded in the manifest is carried over as it is, so this commit makes
+        it stale (module docstring); sgengine.search.ann.update brings it back in step.
         """
         x = self._check_rows(descriptors)
         ids = self._check_id_list(ids, x.shape[0])
@@ -372,7 +607,7 @@ class Index:
             m["count"] = int(m["count"]) + int(x.shape[0])
             m["generation"] = int(m["generation"]) + 1
             m["updated"] = _utcnow()
-            _commit_manifest(self._path, m, crash_hook=True)
+            _commit_manifest(self._path, m, crash_at="before-manifest")
             _crash_point("after-manifest")
             self._manifest = m
             self._arrays.append(np.load(npy, mmap_mode="r" if self._mmap else None, allow_pickle=False))
@@ -462,21 +697,33 @@ class Index:
         """Under the writer lock: pick up commits made by other processes since we opened."""
         m = _read_manifest(self._path)
         if m["generation"] != self._manifest["generation"] or m["segments"] != self._manifest["segments"]:
-            if m["bundle_fingerprint"] != self.bundle_fingerprint or m["dim"] != self._dim or m["dtype"] != self._dtype:
+            if (m["bundle_fingerprint"] != self.bundle_fingerprint or m["dim"] != self._dim or m["dtype"] != self._dtype
+                    or m.get("uid", self.uid) != self.uid):
                 raise IndexMismatchError(f"index {self._path} was replaced by another index since it was opened")
-            self._load(m)
+            if m["segments"] != self._manifest["segments"]:
+                self._load(m)
+            else:  # an ANN commit: same rows, so the revision (and every copy of the rows) stays valid
+                self._manifest = m
 
     def _next_segment_number(self) -> int:
         nums = [int(_SEG_RE.match(s["file"]).group(1)) for s in self._manifest["segments"]]
         return max(nums, default=-1) + 1
 
     def _clean_orphans(self) -> None:
-        """Delete files under segments/ that the manifest does not list (left by a crashed add/compact)."""
+        """Delete files under segments/ and ann/ that the manifest does not list (left by a crashed
+        add, compact or ANN commit, or replaced by a newer ANN)."""
         keep = {Path(s[k]).name for s in self._manifest["segments"] for k in ("file", "ids_file")}
         seg_dir = self._path / _SEGDIR
         for p in seg_dir.iterdir():
             if p.name not in keep and p.is_file():
                 p.unlink(missing_ok=True)
+        ann_dir = self._path / _ANNDIR
+        if ann_dir.is_dir():
+            rec = self._manifest.get("ann")
+            keep = set() if rec is None else {Path(rec["file"]).name, Path(rec["meta_file"]).name}
+            for p in ann_dir.iterdir():
+                if p.name not in keep and p.is_file():
+                    p.unlink(missing_ok=True)
         (self._path / _MANIFEST_TMP).unlink(missing_ok=True)
 
 
@@ -507,6 +754,14 @@ def _read_manifest(root: Path) -> dict:
                              and isinstance(s.get("count"), int) and s["count"] > 0
                              and isinstance(s.get("sha256"), str) and isinstance(s.get("ids_sha256"), str))
         ok = ok and sum(s["count"] for s in m["segments"]) == m["count"]
+        ok = ok and isinstance(m.get("uid", ""), str)
+        a = m.get("ann")
+        if ok and a is not None:
+            ok = (isinstance(a, dict) and isinstance(a.get("file"), str) and _ANN_RE.match(a["file"])
+                  and a.get("meta_file") == a["file"][:-6] + ".json"
+                  and all(isinstance(a.get(f), str) for f in ("sha256", "meta_sha256", "factory"))
+                  and all(isinstance(a.get(f), int) for f in ("bytes", "count", "generation"))
+                  and 1 <= a["count"] <= m["count"])
     except (KeyError, TypeError):
         ok = False
     if not ok:
@@ -515,7 +770,7 @@ def _read_manifest(root: Path) -> dict:
     return m
 
 
-def _commit_manifest(root: Path, manifest: dict, *, crash_hook: bool = False) -> None:
+def _commit_manifest(root: Path, manifest: dict, *, crash_at: str | None = None) -> None:
     # A fixed temporary name: writers hold the lock, and a crashed commit's leftover is found by name.
     write_json_atomic(root / _MANIFEST, manifest, indent=1, tmp=root / _MANIFEST_TMP,
-                      before_replace=(lambda: _crash_point("before-manifest")) if crash_hook else None)
+                      before_replace=(lambda: _crash_point(crash_at)) if crash_at else None)

@@ -390,6 +390,45 @@ def test_gather(tmp_path):
         ix.gather(np.array([[-1]]))
     with pytest.raises(InputError, match="integers"):
         ix.gather(np.array([[1.0]]))
+    assert ix._concat is None  # read from each segment: several segments are never concatenated for a gather
+
+
+def test_iter_rows_reads_segment_by_segment(tmp_path):
+    ix = Index.create(tmp_path / "ix", dim=D, bundle_fingerprint=FP, dtype="float16")
+    x = unit_rows(50, seed=71)
+    for a, b in ((0, 20), (20, 23), (23, 50)):
+        ix.add(x[a:b], names(f"s{a}", b - a))
+    stored = x.astype(np.float16).astype(np.float32)
+    for start, stop, block in ((0, None, 7), (5, 45, 100), (21, 22, 1), (50, 50, 3)):
+        got = list(ix.iter_rows(start, stop, block_rows=block))
+        stop_ = 50 if stop is None else stop
+        assert [r for r, _ in got] == sorted(r for r, _ in got) and all(len(b) <= block for _, b in got)
+        assert all(b.dtype == np.float32 for _, b in got)
+        cat = np.concatenate([b for _, b in got]) if got else np.empty((0, D), np.float32)
+        np.testing.assert_array_equal(cat, stored[start:stop_])
+    assert ix._concat is None
+    with pytest.raises(InputError, match="out of range"):
+        list(ix.iter_rows(10, 51))
+
+
+def test_uid_and_ann_commits_leave_the_rows_alone(tmp_path):
+    ix = Index.create(tmp_path / "ix", dim=D, bundle_fingerprint=FP)
+    assert isinstance(ix.uid, str) and len(ix.uid) == 32
+    assert Index.create(tmp_path / "other", dim=D, bundle_fingerprint=FP).uid != ix.uid
+    ix.add(unit_rows(10, seed=72), names("u", 10))
+    assert ix.ann is None and ix.ann_state() == "absent"
+    writer = Index.open(tmp_path / "ix")
+    rec = writer.commit_ann(lambda i: ((lambda w: w.write(b"not faiss, just bytes")), {"factory": "X"}, len(i)))
+    assert rec["count"] == 10 and rec["bytes"] == 21 and writer.ann_state() == "fresh"
+    assert writer.ann_meta()["factory"] == "X" and writer.read_ann(lambda read: read(100))[0] == b"not faiss, just bytes"
+    rev = ix.revision
+    ix.add(unit_rows(2, seed=73), names("v", 2))  # picks up the ANN commit under the lock, then appends
+    assert ix.ann == rec and ix.ann_state() == "stale" and ix.revision != rev
+    rev = ix.revision
+    ix.commit_ann(lambda i: ((lambda w: w.write(b"again")), {"factory": "X"}, len(i)))
+    assert ix.revision == rev  # an ANN commit changes no row: copies of the rows stay valid
+    with pytest.raises(InputError, match="cannot belong"):
+        ix.commit_ann(lambda i: ((lambda w: w.write(b"")), {}, len(i) + 1))
 
 
 def test_row_checks_name_rows_past_the_first_block(tmp_path):
