@@ -1,0 +1,165 @@
+"""The first stage at scale: exact scan against FAISS ANN settings, end to end through Engine.search.
+
+    python bench/bench_ann.py --rows 100000 --out bench/results/DIR/ann_100k.txt
+    python bench/bench_ann.py --rows 1000000 --sweep 16,64,256 --out bench/results/DIR/ann_1m.txt
+
+Data: `bench/datagen.py` rows (calibrated on the default model's descriptors of real photos),
+D = 2048, stored float16 in an sgengine Index; queries are held-out rows of the same scenes
+(never in the index). The bundle is a random-weight CVNet ResNet-50 (only its fingerprint and D
+matter here: every query is a descriptor). For each first stage, one query at a time, k = 100,
+SuperGlobal rerank at M = 400, K = 9: milliseconds per query (median, whole `Engine.search`, and
+its first stage: "search", or "ann" + "rescore"), recall@400 of the ANN's candidates, and the
+overlap of the final reranked top 100 with the exact pipeline's. Also the ANN's bytes per row and
+build time. Everything in one run, on one machine (printed at the end).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import datagen  # noqa: E402
+
+K_TOP, M, K, BETA = 100, 400, 9, 0.15
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _bundle(work: Path) -> Path:
+    path = work / "bundle-r50"
+    if (path / "manifest.json").exists():
+        return path
+    from sgengine.export import export_bundle
+    from sgengine.model import load_checkpoint
+    from sgengine.testing import save_cvnet_checkpoint
+    model, _ = load_checkpoint(save_cvnet_checkpoint(work / "r50.pth", 50, seed=0))
+    return export_bundle(model, path, check=False, progress=lambda s: None).path
+
+
+def _index(work: Path, bundle, n: int, nq: int, dim: int, seed: int):
+    """An index of n generated rows and nq held-out query rows (cached in work/)."""
+    from sgengine import Index
+    path = work / f"index-{n}"
+    qpath = work / f"queries-{n}.npy"
+    if (path / "manifest.json").exists() and qpath.exists():
+        return Index.open(path), np.load(qpath)
+    total = n + nq
+    rows = np.lib.format.open_memmap(work / f"rows-{total}.npy", mode="w+", dtype=np.float16, shape=(total, dim))
+    t0 = time.perf_counter()
+    _, scene = datagen.generate(total, dim, seed=seed, out=rows)
+    # Held-out queries: one row of each of nq random scenes with at least two rows.
+    rng = np.random.default_rng(seed)
+    starts = np.flatnonzero(np.r_[True, scene[1:] != scene[:-1]])
+    sizes = np.diff(np.r_[starts, total])
+    picks = rng.choice(starts[sizes >= 2], size=nq, replace=False)
+    q_rows = np.sort(picks)
+    keep = np.ones(total, bool)
+    keep[q_rows] = False
+    queries = np.asarray(rows[q_rows], np.float32)
+    print(f"generated {total:,} x {dim} rows in {time.perf_counter() - t0:.1f} s", flush=True)
+    idx = Index.create(path, dim=dim, bundle_fingerprint=bundle.fingerprint, dtype="float16")
+    ids = np.flatnonzero(keep)
+    for a in range(0, len(ids), 1 << 17):
+        part = ids[a:a + (1 << 17)]
+        idx.add(np.asarray(rows[part], np.float32), [f"r{i}" for i in part])
+    np.save(qpath, queries)
+    del rows
+    os.remove(work / f"rows-{total}.npy")
+    return Index.open(path), queries
+
+
+def _run(engine, queries) -> tuple[list[list[str]], dict[str, float], str]:
+    ids, totals, first = [], [], []
+    engine.search(queries[0], k=K_TOP, M=M, K=K, beta=BETA)  # warm-up
+    stage = "exact"
+    for q in queries:
+        t0 = time.perf_counter()
+        r = engine.search(q, k=K_TOP, M=M, K=K, beta=BETA)
+        totals.append((time.perf_counter() - t0) * 1e3)
+        t = r.timings
+        first.append(t.get("search", 0.0) + t.get("ann", 0.0) + t.get("rescore", 0.0))
+        ids.append(r.ids[0])
+        stage = r.first_stage
+    return ids, {"total": statistics.median(totals), "first": statistics.median(first)}, stage
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, default=100_000)
+    p.add_argument("--dim", type=int, default=2048)
+    p.add_argument("--queries", type=int, default=50)
+    p.add_argument("--budget", default="4GiB", help="memory budget for --factory auto")
+    p.add_argument("--factory", default="auto")
+    p.add_argument("--sweep", default="", help="comma-separated values of the ANN's search parameter (nprobe or "
+                   "efSearch) to measure besides the tuned one")
+    p.add_argument("--work", default=os.path.expanduser("~/.cache/sgengine/bench_ann"))
+    p.add_argument("--out")
+    a = p.parse_args(argv)
+    import torch
+    from sgengine import Engine
+    from sgengine.bundle import Bundle
+    from sgengine.search import ann as ann_stage
+
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    bundle = Bundle.load(_bundle(work))
+    rss0 = _rss_mb()
+    index, queries = _index(work, bundle, a.rows, a.queries, a.dim, seed=1)
+    rss_open = _rss_mb()
+    lines = [f"== first stage at {len(index):,} rows x {index.dim} ({index.dtype}), {len(queries)} held-out queries, "
+             f"k={K_TOP}, rerank M={M} K={K} beta={BETA}, one query per call"]
+    t0 = time.perf_counter()
+    if index.ann is None or index.ann_state() != "fresh" or index.ann_meta().get("requested") != a.factory:
+        rep = ann_stage.build(index, a.factory, memory_budget=a.budget, M=M, progress=True)
+        lines.append(rep.summary())
+    build_s = time.perf_counter() - t0
+    meta = index.ann_meta()
+    lines.append(f"ANN {meta['factory']}: {index.ann['bytes'] / len(index):,.0f} B/row; build (train + add + tune) "
+                 f"{meta.get('build_seconds', build_s):.1f} s")
+
+    exact = Engine.load(bundle, index=index, ann="off")
+    exact_ids, exact_ms, _ = _run(exact, queries)
+    rss_exact = _rss_mb()
+    table = [("exact (" + exact.describe()["search_impl"] + ")", 1.0, 1.0, exact_ms)]
+    tuned = dict(meta.get("params") or {})
+    key = next(iter(tuned), "nprobe")  # nprobe for IVF, efSearch for HNSW
+    sweeps = [tuned] + [{key: int(v)} for v in a.sweep.split(",") if v and {key: int(v)} != tuned]
+    annobj = ann_stage.Ann.load(index)
+    for params in sweeps:
+        annobj.set_params(params)
+        rec = ann_stage.measure_recall(index, annobj, queries, M=M)
+        eng = Engine.load(bundle, index=index, ann="require", ann_params=params or None)
+        ids, ms, stage = _run(eng, queries)
+        overlap = float(np.mean([len(set(x) & set(y)) / K_TOP for x, y in zip(ids, exact_ids)]))
+        label = ", ".join(f"{k}={v}" for k, v in params.items()) or "default"
+        table.append((f"ANN {label}{' (tuned)' if params == tuned else ''} [{stage}]", rec.recall, overlap, ms))
+    lines.append(f"{'first stage':<38} {'recall@400':>10} {'top-100 overlap':>16} {'first stage ms':>15} {'search ms':>10}")
+    for name, rec, ov, ms in table:
+        lines.append(f"{name:<38} {rec:>10.4f} {ov:>16.4f} {ms['first']:>15.2f} {ms['total']:>10.2f}")
+    lines.append(f"RSS: {rss0:.0f} MB before, {rss_open:.0f} MB after opening the index, {rss_exact:.0f} MB after "
+                 f"exact searches (rows memory-mapped)")
+    lines.append(f"machine: {platform.processor() or platform.machine()} ({os.cpu_count()} cores, torch "
+                 f"{torch.__version__}, {torch.get_num_threads()} threads); load average before/after: "
+                 f"{os.getloadavg()}")
+    text = "\n".join(lines)
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
