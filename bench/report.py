@@ -6,8 +6,10 @@
     python bench/report.py --from-json a.json b.json c.json   # medians over runs of one suite
 
 Every ratio is against the "chain" implementation of the same group (the module-by-module
-reference as the official code runs it), measured in the same run; "floor" columns compare with
-the group's floor implementation (gram_matmul / gram_bmm for the rerank, copy for the head).
+reference as the official code runs it), or against the provider the group's benchmarks name in
+extra_info["baseline"] (the search: faiss_flat_f32), measured in the same run; "floor" columns
+compare with the group's floor implementation (gram_matmul / gram_bmm for the rerank, copy for
+the head).
 Absolute times hold only for the machine printed at the end.
 """
 from __future__ import annotations
@@ -23,17 +25,28 @@ from pathlib import Path
 FLOORS = ("gram_matmul", "gram_bmm", "copy")
 
 
+def _baseline(items: list[dict]) -> str:
+    """The provider a group's ratios are against: the one its benchmarks name, else "chain"."""
+    named = {b["extra_info"]["baseline"] for b in items if "baseline" in b["extra_info"]}
+    return named.pop() if len(named) == 1 else "chain"
+
+
+def _baseline_note(benchmarks: list[dict]) -> str:
+    named = sorted({b["extra_info"]["baseline"] for b in benchmarks if "baseline" in b["extra_info"]})
+    return f" (groups naming a baseline: against {', '.join(named)})" if named else ""
+
+
 def render(data: dict) -> str:
     rows = []
     groups: dict[str, list[dict]] = {}
     for b in data["benchmarks"]:
         groups.setdefault(b.get("group") or b["name"], []).append(b)
-    header = f"{'op':<7} {'shape':<34} {'impl':<12} {'median':>11} {'vs chain':>9} {'vs floor':>9} {'throughput':>14}"
+    header = f"{'op':<7} {'shape':<34} {'impl':<14} {'median':>11} {'vs chain':>9} {'vs floor':>9} {'throughput':>14}"
     rows.append(header)
     rows.append("-" * len(header))
     for group, items in groups.items():
         by_impl = {b["extra_info"].get("impl", b["name"]): b for b in items}
-        chain = by_impl.get("chain")
+        chain = by_impl.get(_baseline(items))
         floor = next((by_impl[f] for f in FLOORS if f in by_impl), None)
         for impl, b in by_impl.items():
             ex = b["extra_info"]
@@ -48,11 +61,12 @@ def render(data: dict) -> str:
             elif "flops" in ex:
                 thr = f"{ex['flops'] / med / 1e9:7.1f} GFLOP/s"
             label = f"{impl} ({ex['path'].removeprefix('cpu_')})" if "path" in ex else impl  # what "cpu" ran
-            rows.append(f"{ex.get('op', '?'):<7} {ex.get('shape', group):<34} {label:<12} "
+            rows.append(f"{ex.get('op', '?'):<7} {ex.get('shape', group):<34} {label:<14} "
                         f"{med * 1e3:9.3f}ms {vs_chain:>9} {vs_floor:>9} {thr:>14}")
         rows.append("")
     mi = data.get("machine_info", {})
-    rows.append("vs chain: how many times faster than the module-by-module reference chain; "
+    rows.append("vs chain: how many times faster than the module-by-module reference chain"
+                f"{_baseline_note(data['benchmarks'])}; "
                 "vs floor: time / the floor's time (copy for the head, one Gram product for the rerank)")
     rows.append(f"machine: {mi.get('sgengine_machine', mi.get('cpu', {}).get('brand_raw', '?'))}")
     rows.append(f"date: {data.get('datetime', '?')}")
@@ -77,28 +91,36 @@ def render_runs(runs: list[dict]) -> str:
     whose speed drifts between runs, this is steadier than any one run's ratio."""
     labels: dict = {}
     per_run = [_medians(r, labels) for r in runs]
+    baselines = {}  # shape -> the provider its ratios are against
+    for r in runs:
+        for b in r["benchmarks"]:
+            if "baseline" in b["extra_info"]:
+                ex = b["extra_info"]
+                baselines[ex.get("shape", b.get("group") or b["name"])] = ex["baseline"]
     keys = list(dict.fromkeys(k for m in per_run for k in m))
     med = {}
     for k in keys:
         xs = sorted(m[k] for m in per_run if k in m)
         med[k] = xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
-    rows = [f"{'shape':<34} {'impl':<12} {'runs (ms)':<{10 * len(runs)}} {'median':>11} {'vs chain':>9} {'vs floor':>9}"]
+    rows = [f"{'shape':<34} {'impl':<14} {'runs (ms)':<{10 * len(runs)}} {'median':>11} {'vs chain':>9} "
+            f"{'vs floor':>9}"]
     rows.append("-" * len(rows[0]))
     last = None
     for shape, impl in keys:
         if last is not None and shape != last:
             rows.append("")
         last = shape
-        chain = med.get((shape, "chain"))
+        chain = med.get((shape, baselines.get(shape, "chain")))
         floor = next((med[(shape, f)] for f in FLOORS if (shape, f) in med), None)
         m = med[(shape, impl)]
         cells = "".join(f"{pr[(shape, impl)] * 1e3:>10.3f}" if (shape, impl) in pr else f"{'-':>10}" for pr in per_run)
         vs_chain = f"{chain / m:8.1f}x" if chain else "-"
         vs_floor = f"{m / floor:8.2f}x" if floor and impl not in FLOORS else "-"
         label = labels.get((shape, impl), impl)
-        rows.append(f"{shape:<34} {label:<12} {cells} {m * 1e3:9.3f}ms {vs_chain:>9} {vs_floor:>9}")
+        rows.append(f"{shape:<34} {label:<14} {cells} {m * 1e3:9.3f}ms {vs_chain:>9} {vs_floor:>9}")
     rows.append("")
-    rows.append(f"median of {len(runs)} runs per row; ratios are of those medians")
+    rows.append(f"median of {len(runs)} runs per row; ratios are of those medians"
+                f"{_baseline_note([b for r in runs for b in r['benchmarks']])}")
     for r in runs:
         mi = r.get("machine_info", {})
         rows.append(f"run: {r.get('datetime', '?')}  {mi.get('sgengine_machine', mi.get('cpu', {}).get('brand_raw', '?'))}")

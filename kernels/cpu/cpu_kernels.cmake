@@ -1,5 +1,6 @@
-# Native CPU kernels: the Python extensions sgengine.kernels._cpu (kernels/cpu/gem.cpp, pooling head)
-# and sgengine.kernels._rerank_cpu (kernels/cpu/rerank_select.cpp, the certified bfloat16 rerank).
+# Native CPU kernels: the Python extensions sgengine.kernels._cpu (kernels/cpu/gem.cpp, pooling head),
+# sgengine.kernels._rerank_cpu (kernels/cpu/rerank_select.cpp, the certified bfloat16 rerank) and
+# sgengine.kernels._search_cpu (kernels/cpu/search_f16.cpp, the exact first-stage scan).
 # Included from the top-level CMakeLists.txt in wheel/editable builds and plain CMake builds alike
 # (a plain build compiles it as a check and installs it nowhere useful; it is harmless there).
 #
@@ -17,11 +18,12 @@
 #   (libgomp.so.1 by soname), so the two thread pools do not fight; else std::thread.
 pybind11_add_module(_cpu MODULE ${CMAKE_CURRENT_LIST_DIR}/gem.cpp)
 pybind11_add_module(_rerank_cpu MODULE ${CMAKE_CURRENT_LIST_DIR}/rerank_select.cpp)
+pybind11_add_module(_search_cpu MODULE ${CMAKE_CURRENT_LIST_DIR}/search_f16.cpp)
 find_package(OpenMP COMPONENTS CXX)
 if(NOT OpenMP_CXX_FOUND)
   find_package(Threads REQUIRED)
 endif()
-foreach(_sg_kernel _cpu _rerank_cpu)
+foreach(_sg_kernel _cpu _rerank_cpu _search_cpu)
   target_compile_features(${_sg_kernel} PRIVATE cxx_std_17)
   if(CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
     target_compile_options(${_sg_kernel} PRIVATE -O3 -fno-math-errno -fno-trapping-math)

@@ -1,13 +1,14 @@
 """Where the first stage reads an index's rows from: one copy resident on a GPU, or host memory.
 
-`DeviceRows(index, device)` is the engine's view of an Index on one device. On CUDA the stored
-rows are uploaded once, in their stored dtype, when they fit beside the model
-(`device_room_shortfall`); an index too large for the device stays on the host and the scan
-streams it chunk by chunk (slower, but it runs, and `residency()` says so). Streaming a memmap
-to the GPU on every query would cost a full host-to-device copy of the index per query. On the
-CPU a float16 index up to HOST_FLOAT32_CACHE_BYTES (as float32) is searched from one float32
-copy: converting it per query cost 33 ms at 5,000 x 2048 on a 2-core EPYC, against ~1 ms for
-the product itself.
+`DeviceRows(index, device)` is the engine's view of an Index on one device. On the CPU the rows are
+read where the index keeps them: its segments, memory-mapped, one array per .npy file, never
+concatenated or converted up front ("cpu_native" scans them all in one pass, so opening and
+searching a 1M-row float16 index costs no anonymous memory the size of the index; the OS pages the
+files in as the scan reads them). On CUDA the stored rows are uploaded once, in their stored
+dtype, segment by segment, when they fit beside the model (`device_room_shortfall`); an index
+too large for the device stays on the host and the scan streams it chunk by chunk (slower, but
+it runs, and `residency()` says so). Streaming a memmap to the GPU on every query would cost a
+full host-to-device copy of the index per query.
 
 These copies belong to the pair (Index object, device), not to one DeviceRows: several engines
 over one Index share one upload. They are dropped when the Index's `revision` changes (an add,
@@ -25,13 +26,37 @@ import torch
 from .._checks import check_int, parse_device
 from ..errors import InputError
 from ..index import Index
-from .exact import exact_topk, as_rows_tensor, resolve_impl
+from .exact import as_rows_tensor, resolve_impl, segments_topk
 
-__all__ = ["DeviceRows", "search_index", "device_room_shortfall", "DEVICE_HEADROOM_BYTES",
-           "HOST_FLOAT32_CACHE_BYTES"]
+__all__ = ["DeviceRows", "search_index", "device_room_shortfall", "index_segments", "DEVICE_HEADROOM_BYTES"]
 
 DEVICE_HEADROOM_BYTES = 2 << 30  # left free beside a resident index: model, activations, rerank buffers
-HOST_FLOAT32_CACHE_BYTES = 1 << 30  # float16 indexes up to this size (as float32) are searched from a float32 copy
+
+
+def index_segments(index: Index) -> list[np.ndarray]:
+    """The index's rows as its stored segments [n_i, D] in row order, each an array the Index
+    keeps or a fresh read-only memory map of its .npy file: nothing is read or concatenated.
+
+    `Index.vectors()` concatenates several segments into one in-memory array (it reads them all),
+    so several segments are mapped here from the committed manifest's files, which are never
+    rewritten once committed. A file that another process's compaction has since deleted falls
+    back to `vectors()`. Empty: [].
+    """
+    if len(index) == 0:
+        return []
+    if index.segments == 1:
+        return [index.vectors()]  # the segment itself (a memmap when the index was opened with mmap)
+    dtype = np.dtype(index.dtype)
+    out = []
+    try:
+        for seg in index.manifest["segments"]:
+            a = np.load(index.path / seg["file"], mmap_mode="r", allow_pickle=False)
+            if a.shape != (int(seg["count"]), index.dim) or a.dtype != dtype:
+                raise ValueError(f"{seg['file']} holds {a.dtype} {a.shape}")
+            out.append(a)
+    except (OSError, ValueError):
+        return [index.vectors()]
+    return out
 
 
 def device_room_shortfall(device: torch.device, nbytes: int, *, free_bytes: int | None = None) -> str | None:
@@ -61,7 +86,8 @@ class _Copies:
     revision: int
     resident: torch.Tensor | None = None  # [N, D] in the stored dtype, on the device
     streamed: str | None = None  # why the rows stay on the host (CUDA only)
-    host_f32: np.ndarray | None = None  # float32 copy of float16 rows (CPU only)
+    segments: list[np.ndarray] | None = None  # the stored segments, as index_segments gives them
+    starts: np.ndarray | None = None  # [len(segments) + 1] first row of each segment, then N
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -98,31 +124,38 @@ class DeviceRows:
                 c = per[self._key] = _Copies(rev)
             return c
 
+    def _host_segments(self, c: _Copies) -> list[np.ndarray]:
+        """The stored segments (mapped once per revision) and their first rows in c.starts."""
+        if c.segments is None:
+            with c.lock:
+                if c.segments is None:
+                    segs = [a for a in index_segments(self._index) if len(a)]
+                    c.starts = np.cumsum([0] + [len(a) for a in segs])
+                    c.segments = segs
+        return c.segments
+
     def _materialize(self, c: _Copies) -> None:
-        """Build this device's copy if it has none yet: the upload on CUDA, the float32 copy on the CPU."""
-        if self._device.type == "cpu":
-            if c.host_f32 is None:
-                rows = self._index.vectors()
-                if rows.dtype == np.float16 and rows.shape[0] * rows.shape[1] * 4 <= HOST_FLOAT32_CACHE_BYTES:
-                    with c.lock:
-                        if c.host_f32 is None:
-                            c.host_f32 = rows.astype(np.float32)
-            return
-        if c.resident is not None or c.streamed is not None:
+        """Map the segments, and on CUDA upload them (once) when they fit."""
+        segs = self._host_segments(c)
+        if self._device.type == "cpu" or c.resident is not None or c.streamed is not None:
             return
         with c.lock:
             if c.resident is not None or c.streamed is not None:
                 return
-            rows = self._index.vectors()
-            reason = device_room_shortfall(self._device, rows.nbytes)
+            n, dim = int(c.starts[-1]), self._index.dim
+            dtype = getattr(torch, self._index.dtype)
+            reason = device_room_shortfall(self._device, n * dim * dtype.itemsize)
             if reason is not None:
                 c.streamed = reason
-            else:
-                c.resident = as_rows_tensor(np.ascontiguousarray(rows)).to(self._device)
+                return
+            resident = torch.empty(n, dim, dtype=dtype, device=self._device)
+            for a, start in zip(segs, c.starts):
+                resident[int(start):int(start) + len(a)].copy_(as_rows_tensor(np.ascontiguousarray(a)))
+            c.resident = resident
 
     def preload(self) -> str:
-        """Make the rows ready now (at Engine.load) instead of on the first query: upload them to a
-        CUDA device when they fit, or build the CPU's float32 copy of float16 rows. Returns residency()."""
+        """Make the rows ready now (at Engine.load) instead of on the first query: map the
+        segments, and upload them to a CUDA device when they fit. Returns residency()."""
         if len(self._index):
             self._materialize(self._copies())
         return self.residency()
@@ -149,30 +182,31 @@ class DeviceRows:
         """Exact top-k (SPEC 5) of q [nq, D] float32 on the device over the index's rows: scores
         [nq, k] float32 descending and rows [nq, k] int64, on the device. impl: one of IMPLS
         ("auto" is resolved here for the stored dtype)."""
-        mode = impl if impl in ("upcast", "split") else resolve_impl(impl, self._device, self._index.dtype)
+        resolved = ("upcast", "split", "cpu_native")
+        mode = impl if impl in resolved else resolve_impl(impl, self._device, self._index.dtype)
         c = self._copies()
         self._materialize(c)
         if c.resident is not None:
-            db = c.resident
-        elif c.host_f32 is not None and mode == "upcast":
-            db = as_rows_tensor(c.host_f32)
-        else:
-            db = as_rows_tensor(self._index.vectors())  # "split" reads the float16 rows as stored
-        return exact_topk(q, db, k, None, mode)
+            return segments_topk(q, [c.resident], k, mode)
+        return segments_topk(q, c.segments, k, mode)
 
     @torch.no_grad()
     def gather(self, rows: torch.Tensor) -> torch.Tensor:
         """Stored rows as float32 on rows' device: rows [nq, m] int64 -> [nq, m, D]. From the
         resident copy when there is one (one index_select, no host round trip); otherwise from
-        the host, moving only the gathered rows."""
+        the host segments, reading and converting only the gathered rows."""
         dim = self._index.dim
         c = self._copies()
         if c.resident is not None:
             return c.resident.index_select(0, rows.reshape(-1)).to(torch.float32).reshape(*rows.shape, dim)
-        host = c.host_f32 if c.host_f32 is not None else self._index.vectors()
-        flat = np.take(host, rows.reshape(-1).cpu().numpy(), axis=0)
-        out = torch.from_numpy(np.asarray(flat, dtype=np.float32)).reshape(*rows.shape, dim)
-        return out.to(rows.device)
+        segs = self._host_segments(c)
+        flat = rows.reshape(-1).cpu().numpy()
+        out = np.empty((flat.size, dim), dtype=np.float32)
+        which = np.searchsorted(c.starts, flat, side="right") - 1
+        for j in np.unique(which):
+            sel = which == j
+            out[sel] = np.take(segs[j], flat[sel] - c.starts[j], axis=0)
+        return torch.from_numpy(out).reshape(*rows.shape, dim).to(rows.device)
 
 
 def _check_queries(queries, index: Index) -> torch.Tensor:
