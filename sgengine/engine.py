@@ -212,7 +212,7 @@ class Engine:
         "bf16" for the backbone (the pooling head always accumulates in fp32). head_impl: "auto"
         or a name in sgengine.head.IMPLS; rerank_impl: "auto" or a name in sgengine.rerank.IMPLS
         ("auto" on the CPU is chosen for the bundle's M, capped at the index size);
-        search_impl: the first-stage product ("auto", "upcast" or "split", see sgengine.search).
+        search_impl: the exact first stage ("auto" or a name in sgengine.search.IMPLS: "upcast", "cpu_native", "split").
         max_side: long-side cap for decoded images (default: the bundle's, 2048). cuda_graphs:
         replay CUDA graphs of the torch backbone per input shape and of the Triton rerank
         (default on, on CUDA). plan_cache / build_plan: where TensorRT plans are cached (default:
