@@ -364,6 +364,12 @@ class Index:
                 f"segments={self.segments}, bundle={self.bundle_fingerprint[:12]})")
 
     # ------------------------------------------------------------ data
+    def segment_arrays(self) -> list[np.ndarray]:
+        """The stored segments [n_i, D] in row order, as this Index holds them (read-only memory
+        maps when opened with mmap=True): nothing is read or concatenated. A map stays valid after
+        another process's compaction deletes its file (the mapping keeps the data)."""
+        return list(self._arrays)
+
     def vectors(self) -> np.ndarray:
         """All rows [N, D] in the stored dtype.
 

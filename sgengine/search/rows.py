@@ -34,29 +34,9 @@ DEVICE_HEADROOM_BYTES = 2 << 30  # left free beside a resident index: model, act
 
 
 def index_segments(index: Index) -> list[np.ndarray]:
-    """The index's rows as its stored segments [n_i, D] in row order, each an array the Index
-    keeps or a fresh read-only memory map of its .npy file: nothing is read or concatenated.
-
-    `Index.vectors()` concatenates several segments into one in-memory array (it reads them all),
-    so several segments are mapped here from the committed manifest's files, which are never
-    rewritten once committed. A file that another process's compaction has since deleted falls
-    back to `vectors()`. Empty: [].
-    """
-    if len(index) == 0:
-        return []
-    if index.segments == 1:
-        return [index.vectors()]  # the segment itself (a memmap when the index was opened with mmap)
-    dtype = np.dtype(index.dtype)
-    out = []
-    try:
-        for seg in index.manifest["segments"]:
-            a = np.load(index.path / seg["file"], mmap_mode="r", allow_pickle=False)
-            if a.shape != (int(seg["count"]), index.dim) or a.dtype != dtype:
-                raise ValueError(f"{seg['file']} holds {a.dtype} {a.shape}")
-            out.append(a)
-    except (OSError, ValueError):
-        return [index.vectors()]
-    return out
+    """The index's rows as its stored segments [n_i, D] in row order (`Index.segment_arrays`):
+    memory maps read in place, never concatenated (`Index.vectors()` would read them all). Empty: []."""
+    return [a for a in index.segment_arrays() if len(a)]
 
 
 def device_room_shortfall(device: torch.device, nbytes: int, *, free_bytes: int | None = None) -> str | None:
@@ -129,7 +109,7 @@ class DeviceRows:
         if c.segments is None:
             with c.lock:
                 if c.segments is None:
-                    segs = [a for a in index_segments(self._index) if len(a)]
+                    segs = index_segments(self._index)
                     c.starts = np.cumsum([0] + [len(a) for a in segs])
                     c.segments = segs
         return c.segments
