@@ -155,6 +155,81 @@ def test_tuning_picks_the_smallest_nprobe_reaching_the_target(tmp_path):
     assert "recall@50" in rep.summary()
 
 
+@pytest.mark.parametrize("factory,settings", [
+    ("IVF32,Flat", [{"nprobe": 1}, {"nprobe": 4}, {"nprobe": 32}]),
+    ("HNSW8", [{"efSearch": 16}, {"efSearch": 200}]),
+    ("IVF32_HNSW8,SQfp16", [{"nprobe": 2, "quantizer_efSearch": 8}, {"nprobe": 16, "quantizer_efSearch": 64}]),
+    ("PCA16,IVF16,Flat", [{"nprobe": 1}, {"nprobe": 16}]),
+    ("IVF16,PQ8x4,RFlat", [{"nprobe": 1}, {"nprobe": 16}]),
+])
+def test_ann_objects_over_one_index_share_one_copy_with_their_own_parameters(tmp_path, factory, settings):
+    """Two engines (or an engine and measure_recall) over one Index hold one loaded FAISS index;
+    each Ann's parameters are its own and give what setting them on a private copy gives."""
+    import faiss
+    import gc
+    x = clustered(3000, centers=40, noise=1.0)
+    ix = make_index(tmp_path / "ix", x)
+    ann.build(ix, factory, recall_queries=0)
+    q = noisy_queries(x, 25)
+    private = faiss.read_index(str(ix.path / ix.ann["file"]))
+    loaded = [ann.Ann.load(ix, params=s) for s in settings]
+    assert all(a._fx is loaded[0]._fx for a in loaded)
+    got = [a.search(q, 60) for a in loaded]
+    for s, rows in zip(settings, got):
+        ann._set_params(private, s, "the private copy")
+        _, want = private.search(q, 60)
+        np.testing.assert_array_equal(rows, want)
+    assert any(not np.array_equal(got[0], g) for g in got[1:])  # the settings matter on this data
+    # set_params changes one Ann only
+    loaded[0].set_params(settings[-1])
+    np.testing.assert_array_equal(loaded[0].search(q, 60), got[-1])
+    np.testing.assert_array_equal(loaded[1].search(q, 60), got[1])
+    # a new ANN file is loaded afresh; the old copy goes with the last Ann holding it
+    old = loaded[0]._fx
+    ann.build(ix, "Flat", recall_queries=0)
+    assert ann.Ann.load(ix)._fx is not old
+    ref = __import__("weakref").ref(old)
+    del old, loaded
+    gc.collect()
+    assert ref() is None
+
+
+def test_a_structure_without_per_call_parameters_gets_a_private_copy(tmp_path, monkeypatch):
+    """For a FAISS structure _search_params does not walk, the Ann clones the index and sets its
+    parameters on the clone: still its own, still what they say."""
+    x = clustered(3000, centers=40, noise=1.0)
+    ix = make_index(tmp_path / "ix", x)
+    ann.build(ix, "IVF32,Flat", recall_queries=0)
+    q = noisy_queries(x, 20)
+    want = {p: ann.Ann.load(ix, params={"nprobe": p}).search(q, 50) for p in (1, 32)}
+    shared = ann.Ann.load(ix)
+
+    def unsupported(fx, params):
+        raise ann._Unsupported("test")
+    monkeypatch.setattr(ann, "_search_params", unsupported)
+    a = ann.Ann.load(ix, params={"nprobe": 1})
+    assert a._fx is not shared._fx and a.params["nprobe"] == 1
+    np.testing.assert_array_equal(a.search(q, 50), want[1])
+    a.set_params({"nprobe": 32})
+    np.testing.assert_array_equal(a.search(q, 50), want[32])
+    np.testing.assert_array_equal(ann.Ann.load(ix, params={"nprobe": 1}).search(q, 50), want[1])
+
+
+def test_concurrent_searches_with_different_parameters_on_one_copy(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    x = clustered(3000, centers=40, noise=1.0)
+    ix = make_index(tmp_path / "ix", x)
+    ann.build(ix, "IVF32,Flat", recall_queries=0)
+    q = noisy_queries(x, 8)
+    anns = {p: ann.Ann.load(ix, params={"nprobe": p}) for p in (1, 2, 8, 32)}
+    want = {p: a.search(q, 50) for p, a in anns.items()}
+    jobs = [p for p in anns for _ in range(12)]
+    with ThreadPoolExecutor(4) as pool:
+        out = list(pool.map(lambda p: (p, anns[p].search(q, 50)), jobs))
+    for p, rows in out:
+        np.testing.assert_array_equal(rows, want[p])
+
+
 # ----------------------------------------------------------------------------- the auto factory
 def test_auto_factory_follows_n_d_and_the_budget():
     assert ann.choose_factory(500, 2048).factory == "Flat"

@@ -50,6 +50,7 @@ import math
 import re
 import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -224,21 +225,96 @@ def _get_params(fx) -> dict[str, int]:
     return out
 
 
-def _set_params(fx, params: dict[str, int], what: str) -> None:
+def _check_params(fx, params: dict[str, int], what: str) -> dict[str, int]:
+    """fx's search parameters (_get_params) with `params` applied: names it has, integers >= 1,
+    nprobe <= nlist. InputError otherwise. Nothing is set on fx."""
     s = _structure(fx)
     have = {"nprobe": "ivf", "efSearch": "hnsw", "quantizer_efSearch": "quantizer_hnsw"}
+    out = _get_params(fx)
     for name, value in params.items():
         if name not in have or have[name] not in s:
             names = [k for k, v in have.items() if v in s]
             raise InputError(f"{what} has no search parameter {name!r}; it has {names or 'none'}")
         v = check_int(value, f"{what}: {name}", 1)
+        if name == "nprobe" and v > int(s["ivf"].nlist):
+            raise InputError(f"{what}: nprobe={v} exceeds its {int(s['ivf'].nlist)} lists")
+        out[name] = v
+    return out
+
+
+def _set_params(fx, params: dict[str, int], what: str) -> None:
+    """Set search parameters on fx itself (the build's own index, and GPU copies)."""
+    s = _structure(fx)
+    for name, v in _check_params(fx, params, what).items():
         if name == "nprobe":
-            nlist = int(s["ivf"].nlist)
-            if v > nlist:
-                raise InputError(f"{what}: nprobe={v} exceeds its {nlist} lists")
             s["ivf"].nprobe = v
         else:
-            s[have[name]].hnsw.efSearch = v
+            s["hnsw" if name == "efSearch" else "quantizer_hnsw"].hnsw.efSearch = v
+
+
+class _Unsupported(Exception):
+    """fx has a wrapper whose per-call search parameters we do not build."""
+
+
+def _search_params(fx, params: dict[str, int]) -> tuple[Any, list]:
+    """FAISS per-call search parameters equal to setting `params` on fx (checked by
+    _check_params), as (root, objects to keep alive), or (None, []) when fx has none to set.
+    Per-call parameters let several Ann objects share one loaded FAISS index, each with its own
+    nprobe / efSearch, without a lock around the search. _Unsupported for an index structure
+    this does not walk (an ANN whose parameters are set on the index itself instead)."""
+    faiss = _faiss()
+    if not params:
+        return None, []
+    keep: list = []
+
+    def walk(ix):
+        ix = faiss.downcast_index(ix)
+        if isinstance(ix, faiss.IndexPreTransform):
+            p = faiss.SearchParametersPreTransform()
+            p.index_params = walk(ix.index)
+        elif isinstance(ix, faiss.IndexRefine):
+            p = faiss.IndexRefineSearchParameters()
+            p.base_index_params = walk(ix.base_index)
+            p.k_factor = ix.k_factor
+        elif isinstance(ix, faiss.IndexHNSW):
+            p = faiss.SearchParametersHNSW()
+            p.efSearch = params["efSearch"]
+        elif isinstance(ix, faiss.IndexIVF):
+            p = faiss.SearchParametersIVF()
+            p.nprobe = params["nprobe"]
+            if "quantizer_efSearch" in params:
+                qp = faiss.SearchParametersHNSW()
+                qp.efSearch = params["quantizer_efSearch"]
+                keep.append(qp)
+                p.quantizer_params = qp
+        else:
+            raise _Unsupported(type(ix).__name__)
+        keep.append(p)
+        return p
+
+    return walk(fx), keep
+
+
+# Loaded CPU FAISS indexes, one per Index object (the latest ANN file it loaded), held weakly:
+# engines and measurements over one Index share one copy of what may be gigabytes, each with its
+# own search parameters (_search_params); the copy goes when the last Ann using it goes.
+_SHARED: "weakref.WeakKeyDictionary[Index, tuple[str, weakref.ref]]" = weakref.WeakKeyDictionary()
+_SHARED_LOCK = threading.Lock()
+
+
+def _read_shared(index: Index) -> tuple[Any, dict]:
+    """The index's ANN as a CPU FAISS index and its sidecar: the copy already loaded for this
+    Index object when its sha256 still matches the manifest, otherwise read (Index.read_ann)."""
+    faiss = _faiss()
+    with _SHARED_LOCK:
+        sha = index.ann["sha256"]
+        hit = _SHARED.get(index)
+        fx = hit[1]() if hit is not None and hit[0] == sha else None
+        if fx is not None:
+            return fx, index.ann_meta()
+        fx, meta = index.read_ann(lambda read: faiss.read_index(faiss.PyCallbackIOReader(read)))
+        _SHARED[index] = (sha, weakref.ref(fx))
+        return fx, meta
 
 
 # ----------------------------------------------------------------------------- devices
@@ -281,25 +357,34 @@ def _to_gpu(fx, device: str, what: str):
 
 # ----------------------------------------------------------------------------- the search object
 class Ann:
-    """A verified FAISS index over an Index's first `count` rows, ready to search. Build with `Ann.load`."""
+    """A verified FAISS index over an Index's first `count` rows, ready to search. Build with `Ann.load`.
+
+    On the CPU every Ann over one Index object shares one loaded FAISS index (_read_shared) and
+    passes its own search parameters with each search, so two engines, or an engine and
+    `measure_recall`, cost one copy of the ANN's memory. A GPU Ann owns its GPU copy.
+    """
 
     def __init__(self, fx, meta: dict, record: dict, device: str, note: str | None, params: dict[str, int],
                  gpu_resources=None) -> None:
         self._fx = fx
         self._gpu_resources = gpu_resources  # kept alive as long as the GPU index
         self._params = dict(params)
+        self._per_call = (None, [])  # (FAISS SearchParameters, the objects it points to)
         self.meta = meta
         self.record = record
         self.device = device
         self.device_note = note
         self._lock = threading.Lock()
+        if device == "cpu" and self._params:
+            self._per_call = _search_params(fx, self._params)
 
     @classmethod
     def load(cls, index: Index, *, device: str = "cpu", engine_device: torch.device | str = "cpu",
              params: dict[str, int] | None = None) -> "Ann":
         """Verify the index's ANN (Index.read_ann: sidecar against the manifest, sha256 of the
-        file) and open it; `params` ({"nprobe": 32}, {"efSearch": 800}...) override the tuned ones
-        the sidecar records. device: one of DEVICES (resolve_device)."""
+        file) and open it, or reuse the copy another Ann over this Index object loaded; `params`
+        ({"nprobe": 32}, {"efSearch": 800}...) override the tuned ones the sidecar records.
+        device: one of DEVICES (resolve_device)."""
         faiss = _faiss()
         if not isinstance(index, Index):
             raise InputError(f"index must be an sgengine Index, got {type(index).__name__}")
@@ -309,20 +394,20 @@ class Ann:
             raise InputError(f"ann_params must be a dict like {{'nprobe': 32}}, got {type(params).__name__}")
         dev = resolve_device(device, engine_device)
         record = index.ann
-        fx, meta = index.read_ann(lambda read: faiss.read_index(faiss.PyCallbackIOReader(read)))
+        fx, meta = _read_shared(index)
         if fx.d != index.dim or fx.ntotal != record["count"] or fx.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise IndexError_(f"index {index.path}: {record['file']} holds a {fx.d}-d index of {fx.ntotal} vectors "
                               f"(metric {fx.metric_type}), not the {index.dim}-d inner-product index of "
                               f"{record['count']} rows its sidecar records; rebuild it "
                               f"(sgengine index ann {index.path})")
         what = f"the ANN {meta.get('factory')!r} of index {index.path}"
-        _set_params(fx, {**meta.get("params", {}), **(params or {})}, what)
-        p = _get_params(fx)
+        p = _check_params(fx, {**meta.get("params", {}), **(params or {})}, what)
         note, res = None, None
         if dev != "cpu":
             if "hnsw" in _structure(fx) and device == "auto":
                 dev, note = "cpu", "faiss-gpu has no HNSW index: searched on the CPU"
             else:
+                # The GPU copy is this Ann's own; parameters are set on it (the shared CPU copy is untouched).
                 fx, res = _to_gpu(fx, dev, what)
                 # The GPU copy's coarse quantizer is a flat GPU index: nprobe is its only parameter.
                 p = {k: v for k, v in p.items() if k == "nprobe"}
@@ -330,7 +415,15 @@ class Ann:
                     faiss.GpuParameterSpace().set_index_parameter(fx, name, value)
         if dev == "cpu" and torch.device(engine_device).type == "cuda" and note is None:
             note = "faiss-cpu: the ANN searches on the CPU; its candidates move to the GPU for the re-score"
-        return cls(fx, meta, record, dev, note, p, res)
+        try:
+            return cls(fx, meta, record, dev, note, p, res)
+        except _Unsupported:
+            # A structure whose per-call parameters we do not build: a private copy with them set on it.
+            own = faiss.clone_index(fx)
+            _set_params(own, p, what)
+            ann = cls(own, meta, record, dev, note, {}, res)
+            ann._params = p
+            return ann
 
     @property
     def factory(self) -> str:
@@ -356,17 +449,24 @@ class Ann:
 
     def set_params(self, params: dict[str, int]) -> None:
         """Change nprobe / efSearch / quantizer_efSearch (names this index has; InputError otherwise).
-        Not while another thread searches this Ann."""
+        On the CPU this Ann's own setting (other Ann over the same Index keep theirs); safe while
+        other threads search (a search uses the setting in effect when it starts)."""
         if not isinstance(params, dict):
             raise InputError(f"params must be a dict like {{'nprobe': 32}}, got {type(params).__name__}")
+        what = f"the ANN {self.factory!r}"
         with self._lock:
             if self.device == "cpu":
-                _set_params(self._fx, params, f"the ANN {self.factory!r}")
-                self._params = _get_params(self._fx)
+                merged = _check_params(self._fx, {**self._params, **params}, what)
+                try:
+                    per_call = _search_params(self._fx, merged)
+                except _Unsupported:  # a private copy (Ann.load): set on it
+                    _set_params(self._fx, merged, what)
+                    per_call = (None, [])
+                self._params, self._per_call = merged, per_call
             else:
                 unknown = set(params) - set(self._params)
                 if unknown:
-                    raise InputError(f"the ANN {self.factory!r} has no search parameter {sorted(unknown)[0]!r}; "
+                    raise InputError(f"{what} has no search parameter {sorted(unknown)[0]!r}; "
                                      f"it has {sorted(self._params)}")
                 for name, value in params.items():
                     _faiss().GpuParameterSpace().set_index_parameter(self._fx, name, check_int(value, name, 1))
@@ -376,7 +476,11 @@ class Ann:
         """Candidate rows [nq, m'] int64, best first by the ANN's approximate score; -1 where it
         found fewer than m' (an IVF probing few lists). Trusts its inputs: q float32 C-contiguous
         [nq, dim], 1 <= m' <= count."""
-        _, rows = self._fx.search(q, m_prime)
+        sp, _keep = self._per_call  # one read: a concurrent set_params swaps the pair whole
+        if sp is None:
+            _, rows = self._fx.search(q, m_prime)
+        else:
+            _, rows = self._fx.search(q, m_prime, params=sp)
         return rows
 
     def describe(self) -> dict:
