@@ -3,9 +3,13 @@
 A write goes to a temporary file beside its target, is fsynced, renamed over the target
 (`os.replace`, atomic on POSIX) and the directory is fsynced: a reader sees the old file or the
 new one, never half of one, and after a crash the new file is either wholly there or absent.
+
+`os_error_text` is the one place an OSError becomes words: public entry points turn the OSErrors
+they meet into sgengine errors with it (naming the path and the reason), and so does the CLI.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -13,9 +17,53 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
-__all__ = ["sha256_file", "fsync_dir", "write_stream_atomic", "write_bytes_atomic", "write_json_atomic"]
+__all__ = ["sha256_file", "fsync_dir", "write_stream_atomic", "write_bytes_atomic", "write_json_atomic",
+           "os_error_text", "os_error_reason", "display_path"]
 
 _BLOCK = 1 << 22
+
+# What the OS's terse strerror means for someone pointing sgengine at a path, and what to do.
+_REASONS = {
+    errno.ENAMETOOLONG: "a name in the path is longer than the file system allows (usually 255 bytes per name, "
+                        "4096 per path): use a shorter name",
+    errno.EACCES: "permission denied: this user may not read (or write) it, or may not enter a folder above it",
+    errno.EPERM: "operation not permitted for this user",
+    errno.ENOENT: "no such file or directory",
+    errno.ENOTDIR: "a component of the path is not a directory",
+    errno.EISDIR: "is a directory, not a file",
+    errno.EEXIST: "already exists, and is not what belongs here",
+    errno.ELOOP: "too many levels of symbolic links (a symlink loop)",
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EMFILE: "too many open files in this process (raise the limit: ulimit -n)",
+    errno.EIO: "input/output error (a failing disk or network file system)",
+}
+
+
+def display_path(path: str | bytes | os.PathLike) -> str:
+    """A path as printable text: bytes that are not valid UTF-8 (in a file name) appear as \\xNN escapes."""
+    try:
+        p = os.fsencode(path)
+    except UnicodeEncodeError:  # a str with surrogates that no file name decodes to
+        return os.fspath(path).encode("utf-8", "backslashreplace").decode("utf-8")
+    return p.decode("utf-8", "backslashreplace")
+
+
+def os_error_reason(e: OSError) -> str:
+    """Why the OS refused, in words a user can act on."""
+    return _REASONS.get(e.errno) or e.strerror or str(e) or type(e).__name__
+
+
+def os_error_text(e: OSError) -> str:
+    """"<path>: <reason>" for an OSError (just the reason when the OS named no path)."""
+    reason = os_error_reason(e)
+    if e.filename is None:
+        return reason
+    where = display_path(e.filename)
+    if e.filename2 is not None:
+        where += f" -> {display_path(e.filename2)}"
+    return f"{where}: {reason}"
 
 
 def sha256_file(path: str | os.PathLike) -> str:

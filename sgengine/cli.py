@@ -1,11 +1,17 @@
-"""The `sgengine` command: export, index build/info/ann, search, describe, demo, eval."""
+"""The `sgengine` command: export, index build/info/verify/ann, search, describe, demo, eval.
+
+Every subcommand reports bad input, a damaged index and a path the OS refuses the same way: one
+line on stderr naming it, exit status 2 (`main`).
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
+from ._io import os_error_text
 from .errors import SgengineError
 
 
@@ -36,6 +42,9 @@ def _cmd_index_build(a) -> int:
                           progress=not a.quiet)
     print(f"indexed {rep.added} new image(s), skipped {rep.skipped} already in {a.output}, "
           f"{len(rep.failed)} unreadable, of {rep.total} found")
+    if rep.ignored:
+        print(f"passed over {sum(rep.ignored.values())} file(s) of types this Pillow does not decode: "
+              + ", ".join(f"{suffix or '(no suffix)'} {n}" for suffix, n in rep.ignored.items()))
     if rep.notes:
         print(f"{len(rep.notes)} image(s) adjusted (capped or upscaled, see docs): "
               + ", ".join(sorted({rel for rel, _ in rep.notes})[:10]) + (" ..." if len(rep.notes) > 10 else ""))
@@ -43,16 +52,38 @@ def _cmd_index_build(a) -> int:
         print("unreadable files (not indexed):")
         for rel, why in rep.failed:
             print(f"  {rel}: {why}")
+    if rep.unreadable_dirs:
+        print("unreadable folders (not searched for images):")
+        for folder, why in rep.unreadable_dirs:
+            print(f"  {folder}: {why}")
     return 0
 
 
 def _cmd_index_info(a) -> int:
+    from .errors import IndexError_
     from .index import Index
     from .search import ann
     idx = Index.open(a.index)
+    problems = idx.problems()
+    try:
+        ann_info = ann.info(idx)
+    except SgengineError:  # problems() names what is wrong with it
+        ann_info = {"state": "damaged (see problems)"}
     info = {"path": str(idx.path), "count": len(idx), "dim": idx.dim, "dtype": idx.dtype,
-            "bundle_fingerprint": idx.bundle_fingerprint, "ann": ann.info(idx)}
+            "bundle_fingerprint": idx.bundle_fingerprint, "ann": ann_info, "problems": problems}
     print(json.dumps(info, indent=2))
+    if problems:
+        raise IndexError_(f"index {idx.path}: " + "; ".join(problems)
+                          + f" (sgengine index verify {idx.path} checks every byte)")
+    return 0
+
+
+def _cmd_index_verify(a) -> int:
+    from .index import Index
+    idx = Index.open(a.index)
+    rep = idx.verify()
+    print(f"index {idx.path}: OK: {rep['rows']:,} rows, {rep['files']} files, {rep['bytes'] / 1e9:.3f} GB "
+          f"hashed in {rep['seconds']:.2f} s")
     return 0
 
 
@@ -153,9 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "with --device cuda, one GPU per worker)")
     _add_engine_args(b)
     b.set_defaults(func=_cmd_index_build)
-    info = ix.add_parser("info", help="print an index's manifest summary")
+    info = ix.add_parser("info", help="print an index's manifest summary; exit status 2 when a cheap look finds "
+                         "a problem")
     info.add_argument("index")
     info.set_defaults(func=_cmd_index_info)
+    ver = ix.add_parser("verify", help="check every file of an index against its manifest (sha256 of every byte, "
+                        "ids unique): exit status 2 naming each problem")
+    ver.add_argument("index")
+    ver.set_defaults(func=_cmd_index_verify)
     an = ix.add_parser("ann", help="build (or --update, --drop) the FAISS first stage of an index, "
                        "for millions of rows")
     an.add_argument("index")
@@ -213,28 +249,40 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--show", type=int, default=4, help="queries whose top results are printed (default 4)")
     demo.set_defaults(func=_cmd_demo)
 
+    from .service.cli import add_serve_parser
+    add_serve_parser(sub)
+
     sub.add_parser("eval", help="revisited Oxford/Paris evaluation (sgengine eval -h)", add_help=False)
     return p
 
 
+def _error_line(prog: str, e: BaseException) -> str:
+    """The one line the CLI prints for an error it turns into exit status 2."""
+    msg = os_error_text(e) if isinstance(e, OSError) else str(e)
+    return f"{prog}: error: " + " ".join(part.strip() for part in msg.splitlines() if part.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if hasattr(sys.stdout, "reconfigure"):  # ids and paths are printed: an odd byte must not crash a report
+        sys.stdout.reconfigure(errors="backslashreplace")
     # export and eval own their argument parsing; hand the rest of the line over untouched.
-    if argv and argv[0] in ("export", "eval"):
-        try:
+    own_parser = bool(argv) and argv[0] in ("export", "eval")
+    prog = f"sgengine {argv[0]}" if own_parser else "sgengine"
+    try:
+        if own_parser:
             if argv[0] == "export":
                 from .export import main as export_main
                 return export_main(argv[1:])
             from .eval.run import main as eval_main
             return eval_main(argv[1:])
-        except SgengineError as e:
-            print(f"sgengine {argv[0]}: error: {e}", file=sys.stderr)
-            return 2
-    args = build_parser().parse_args(argv)
-    try:
+        args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
-    except SgengineError as e:
-        print(f"sgengine: error: {e}", file=sys.stderr)
+    except BrokenPipeError:  # the reader went away (| head): nothing more to say to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (SgengineError, OSError) as e:  # bad input, or a path the OS refused: one line, status 2
+        print(_error_line(prog, e), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: committed work is kept", file=sys.stderr)

@@ -147,8 +147,7 @@ def build_index_ray(bundle: str | os.PathLike, folder: str | os.PathLike, index_
     from .bundle import Bundle
     b = Bundle.load(bundle_dir)
     index = open_or_create_index(index_path, bundle_fingerprint=b.fingerprint, dim=b.dim, dtype=dtype)
-    todo, skipped, total = pending_images(root, index)
-    report = BuildReport(skipped=skipped, total=total)
+    todo, report = pending_images(root, index)
     if not todo:
         return report
 
@@ -207,8 +206,9 @@ def _run(ray, todo, index, report: BuildReport, bundle_dir: Path, fingerprint: s
     rows: list[np.ndarray] = []
 
     def commit(n: int) -> None:
-        index.add(np.stack(rows[:n]), ids[:n])
-        report.added += n
+        added = index.add(np.stack(rows[:n]), ids[:n], skip_existing=True)  # another build may have added some
+        report.added += added
+        report.skipped += n - added
         del ids[:n], rows[:n]
 
     try:

@@ -213,6 +213,7 @@ def test_create_refusals(tmp_path):
     (tmp_path / "photos" / "a.jpg").write_bytes(b"x")
     with pytest.raises(IndexError_, match="not empty"):
         Index.create(tmp_path / "photos", dim=D, bundle_fingerprint=FP)
+    assert [p.name for p in (tmp_path / "photos").iterdir()] == ["a.jpg"]  # refused before the lock file
     with pytest.raises(InputError, match="dtype"):
         Index.create(tmp_path / "ix2", dim=D, bundle_fingerprint=FP, dtype="bfloat16")
     with pytest.raises(InputError, match="dim must be >= 1"):

@@ -8,7 +8,10 @@ files in as the scan reads them). On CUDA the stored rows are uploaded once, in 
 dtype, segment by segment, when they fit beside the model (`device_room_shortfall`); an index
 too large for the device stays on the host and the scan streams it chunk by chunk (slower, but
 it runs, and `residency()` says so). Streaming a memmap to the GPU on every query would cost a
-full host-to-device copy of the index per query.
+full host-to-device copy of the index per query. Every read of the host segments first asks the
+Index whether a mapped file changed on disk (`Index.check_unchanged`, a stat per segment), so a
+segment truncated or rewritten by another program gives an IndexError_ rather than SIGBUS or
+wrong rows.
 
 These copies belong to the pair (Index object, device), not to one DeviceRows: several engines
 over one Index share one upload. They are dropped when the Index's `revision` changes (an add,
@@ -168,6 +171,7 @@ class DeviceRows:
         self._materialize(c)
         if c.resident is not None:
             return segments_topk(q, [c.resident], k, mode)
+        self._index.check_unchanged()  # a mapped file truncated under us would fault in the scan (SIGBUS)
         return segments_topk(q, c.segments, k, mode)
 
     @torch.no_grad()
@@ -180,6 +184,7 @@ class DeviceRows:
         if c.resident is not None:
             return c.resident.index_select(0, rows.reshape(-1)).to(torch.float32).reshape(*rows.shape, dim)
         segs = self._host_segments(c)
+        self._index.check_unchanged()
         flat = rows.reshape(-1).cpu().numpy()
         out = np.empty((flat.size, dim), dtype=np.float32)
         which = np.searchsorted(c.starts, flat, side="right") - 1
