@@ -233,16 +233,18 @@ def test_concurrent_searches_with_different_parameters_on_one_copy(tmp_path):
 # ----------------------------------------------------------------------------- the auto factory
 def test_auto_factory_follows_n_d_and_the_budget():
     assert ann.choose_factory(500, 2048).factory == "Flat"
-    assert ann.choose_factory(50_000, 1280).factory == "HNSW32"
-    # An HNSW8 graph beside the float32 rows does not fit (8,256 B/row), float32 IVF codes do (8,200)
-    assert ann.choose_factory(300_000, 2048, 300_000 * 8210).factory == "IVF2048_HNSW32,Flat"
-    assert ann.choose_factory(300_000, 2048, "1GiB").factory == "IVF2048_HNSW32,SQ8"
-    assert ann.choose_factory(2_000_000, 2048, "4GiB").factory == "IVF4096_HNSW32,SQ8"
+    assert ann.choose_factory(50_000, 1280).factory == "HNSW32,SQ8"
+    c = ann.choose_factory(300_000, 2048, "1GiB")
+    assert c.factory == "HNSW32,SQ8" and c.bytes_per_row == 2048 + 8 * 32 + 16 and "8-bit codes" in c.why
+    assert ann.choose_factory(2_000_000, 2048, "4GiB").factory == "HNSW10,SQ8"  # 2,147 B/row: a thinner graph
+    # An HNSW8 graph beside the 8-bit codes does not fit (2,128 B/row), IVF's 8-bit codes do (2,056)
+    assert ann.choose_factory(300_000, 2048, 300_000 * 2100).factory == "IVF2048_HNSW32,SQ8"
+    assert ann.choose_factory(2_000_000, 2048, "4000MiB").factory == "IVF4096_HNSW32,SQ8"
     c = ann.choose_factory(10_000_000, 2048, "4GiB")
     assert c.factory == "OPQ256_1792,IVF16384_HNSW32,PQ256x8" and "PQ256" in c.why and c.bytes_per_row == 264
     assert ann.choose_factory(100_000_000, 2048, "16GiB").factory == "OPQ128_896,IVF32768_HNSW32,PQ128x8"
     assert ann.choose_factory(20_000, 64, "1.5MiB").factory == "IVF512,SQ8"  # under 1,024 lists: a flat quantizer
-    assert ann.choose_factory(2_000, 64, 2_000 * 300).factory == "IVF32,Flat"  # nlist <= N / 39
+    assert ann.choose_factory(2_000, 64, 2_000 * 100).factory == "IVF32,SQ8"  # nlist <= N / 39
     with pytest.raises(InputError, match="too small.*--memory-budget"):
         ann.choose_factory(10_000_000, 2048, "10MiB")
     assert ann.parse_bytes("4GiB") == 4 << 30 == ann.parse_bytes("4G") and ann.parse_bytes("4GB") == 4 * 10**9
