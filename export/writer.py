@@ -17,11 +17,21 @@ import sgengine
 from sgengine._io import sha256_file, write_json_atomic
 from sgengine.bundle import (FORMAT, FORMAT_VERSION, HEAD_FILE, MANIFEST, ONNX_FILE, RERANK_DEFAULTS,
                              STATE_DICT_FAMILIES, TRUNK_SCRIPT_FILE, TRUNK_STATE_FILE, Bundle, compute_fingerprint)
+from sgengine._io import current_umask
 from sgengine.errors import ParityError
 from sgengine.preprocess import DEFAULT_MAX_SIDE, Normalization, min_input_side
 
 from .onnx_export import export_onnx
 from .parity import Tolerance, check_parity, parity_inputs, require
+
+
+def _publish(paths) -> None:
+    """Give bundle files the mode a plain open() would (0644 under umask 022): the safetensors
+    writer and the atomic manifest write create 0600 temporary files and rename them, which
+    would leave a bundle only its owner can load."""
+    mode = 0o666 & ~current_umask()
+    for p in paths:
+        os.chmod(p, mode)
 
 
 def _mb(path: Path) -> str:
@@ -202,7 +212,9 @@ def export_bundle(model, out_dir: str | os.PathLike, *, opset: int | None = None
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     manifest["fingerprint"] = compute_fingerprint(manifest)
+    _publish(out / f for f in files)
     write_json_atomic(manifest_path, manifest)
+    _publish([manifest_path])
     bundle = Bundle.load(out)
     progress(f"  {MANIFEST} written; fingerprint {bundle.fingerprint[:16]}; done in {time.perf_counter() - t_all:.1f} s")
     return bundle

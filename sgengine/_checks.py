@@ -27,17 +27,28 @@ def check_int(value: Any, name: str, minimum: int | None = None, maximum: int | 
     return v
 
 
-def check_real(value: Any, name: str) -> float:
-    """`value` as a finite float (bools refused)."""
-    if isinstance(value, bool):
+def check_real(value: Any, name: str, minimum: float | None = None, maximum: float | None = None) -> float:
+    """`value` as a finite float (bools and strings refused), within [minimum, maximum] where given."""
+    if isinstance(value, (bool, str, bytes)):
         raise InputError(f"{name} must be a real number, got {value!r}")
     try:
         v = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise InputError(f"{name} must be a real number, got {value!r}") from None
     if not math.isfinite(v):
         raise InputError(f"{name} must be finite, got {value!r}")
+    if minimum is not None and v < minimum:
+        raise InputError(f"{name} must be >= {minimum:g}, got {v:g}")
+    if maximum is not None and v > maximum:
+        raise InputError(f"{name} must be <= {maximum:g}, got {v:g}")
     return v
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """`value` if it is a bool (numpy's included); "yes", 1 or None are refused rather than guessed."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise InputError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def check_choice(value: Any, name: str, choices) -> str:
@@ -51,6 +62,23 @@ def check_finite(x: torch.Tensor | np.ndarray, name: str) -> None:
     ok = bool(torch.isfinite(x).all()) if isinstance(x, torch.Tensor) else bool(np.isfinite(x).all())
     if not ok:
         raise InputError(f"{name}: contains NaN or inf values")
+
+
+def check_unit_rows(x: torch.Tensor, name: str, tolerance: float) -> None:
+    """InputError naming `name` and the first bad row of the floating x [n, D]: a row holding NaN
+    or inf, an all-zero row, or one whose L2 norm (in float64) is off 1 by more than `tolerance`."""
+    if not x.numel():
+        return
+    finite = torch.isfinite(x).all(dim=1)
+    if not bool(finite.all()):
+        raise InputError(f"{name} row {int(torch.nonzero(~finite)[0, 0])} contains NaN or inf values")
+    norms = torch.linalg.vector_norm(x.double(), dim=1)
+    bad = (norms - 1).abs() > tolerance
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0, 0])
+        what = "is all zeros" if float(norms[i]) == 0 else f"has L2 norm {float(norms[i]):.6g}"
+        raise InputError(f"{name} row {i} {what}; descriptors must be L2-normalized (|norm - 1| <= {tolerance:g}), "
+                         "as Engine.embed returns them")
 
 
 def check_tensor(x: Any, name: str, ndim: int, shape_doc: str) -> torch.Tensor:
@@ -82,4 +110,5 @@ def parse_device(device: Any) -> torch.device:
     return dev
 
 
-__all__ = ["check_int", "check_real", "check_choice", "check_finite", "check_tensor", "parse_device"]
+__all__ = ["check_int", "check_real", "check_bool", "check_choice", "check_finite", "check_unit_rows",
+           "check_tensor", "parse_device"]

@@ -114,6 +114,7 @@ def write_stream_atomic(path: str | os.PathLike, write: Callable[[Any], None], *
     path = Path(path)
     if tmp is None:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would make the file its owner's only
         f = os.fdopen(fd, "wb")
     else:
         tmp_name = os.fspath(tmp)
@@ -135,6 +136,21 @@ def write_stream_atomic(path: str | os.PathLike, write: Callable[[Any], None], *
         raise
     fsync_dir(path.parent)
     return w.sha256.hexdigest()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (os.umask can only set it,
+    and setting it for a moment would race with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes, **kw) -> str:

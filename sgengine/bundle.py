@@ -55,6 +55,48 @@ def compute_fingerprint(manifest: dict) -> str:
 
 
 _REQUIRED = ("format", "format_version", "model", "head", "preprocess", "files", "fingerprint")
+# A manifest is a few kilobytes; anything far larger is not one, and is not read whole.
+MAX_MANIFEST_BYTES = 16 << 20
+MAX_SCALE = 4.0
+
+
+def _check_manifest(mpath: Path, m: dict) -> None:
+    """BundleError naming the field of a manifest whose blocks have the wrong type or range, so the
+    views below (dim, min_side, rerank defaults...) never meet a string or a negative size."""
+    def bad(field: str, what: str):
+        raise BundleError(f"{mpath}: {field} {what} (a manifest edited by hand, or damaged? re-export the bundle)")
+
+    for block in ("model", "head", "preprocess", "files"):
+        if not isinstance(m[block], dict):
+            bad(block, f"is a {type(m[block]).__name__}, not an object")
+    for name, entry in m["files"].items():
+        if not name or name != Path(name).name or name in (".", ".."):
+            bad(f"files[{name!r}]", "is not a plain file name inside the bundle")
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and type(entry.get("bytes")) is int):
+            bad(f"files[{name!r}]", "must be an object with a sha256 string and a bytes count")
+    for block, key, low in (("model", "dim", 1), ("model", "channels", 1), ("model", "stride", 1),
+                            ("preprocess", "max_side", 1), ("preprocess", "min_side", 1)):
+        v = m[block].get(key)
+        if type(v) is not int or v < low:
+            bad(f"{block}.{key}", f"is {v!r}, not an integer >= {low}")
+    if m["preprocess"]["min_side"] > m["preprocess"]["max_side"]:
+        bad("preprocess.min_side", f"({m['preprocess']['min_side']}) is above preprocess.max_side")
+    for block, parse in (("head", HeadConfig.from_dict), ("preprocess", Normalization.from_dict)):
+        try:
+            parse(m[block])
+        except (KeyError, TypeError, ValueError) as e:
+            bad(block, f"cannot be read ({type(e).__name__}: {e})")
+    # Each scale's input is s^2 times the image: SPEC's are 1/sqrt(2), 1, sqrt(2).
+    scales = HeadConfig.from_dict(m["head"]).scales
+    if not scales or not all(0 < x <= MAX_SCALE for x in scales):
+        bad("head.scales", f"are {list(scales)}; each must be in (0, {MAX_SCALE:g}]")
+    rerank = m.get("rerank", RERANK_DEFAULTS)
+    if not isinstance(rerank, dict):
+        bad("rerank", "is not an object")
+    for key, low, kind in (("M", 1, int), ("K", 0, int), ("beta", 0, (int, float))):
+        v = rerank.get(key)
+        if isinstance(v, bool) or not isinstance(v, kind) or not (low <= v < float("inf")):
+            bad(f"rerank.{key}", f"is {v!r}, not a finite number >= {low}")
 
 
 class Bundle:
@@ -79,8 +121,12 @@ class Bundle:
             raise BundleError(f"{path}: no {MANIFEST}; not a bundle, or its export did not finish "
                               "(the manifest is written last, after the parity check passed)")
         try:
-            manifest = json.loads(mpath.read_text())
-        except (OSError, ValueError) as e:
+            size = mpath.stat().st_size
+            if size > MAX_MANIFEST_BYTES:
+                raise BundleError(f"{mpath}: {size:,} bytes, not a manifest (those are a few kilobytes; the limit is "
+                                  f"{MAX_MANIFEST_BYTES:,})")
+            manifest = json.loads(mpath.read_bytes().decode("utf-8"))
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8 or JSON
             raise BundleError(f"{mpath}: unreadable manifest ({e})") from e
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
@@ -94,6 +140,7 @@ class Bundle:
         missing = [k for k in _REQUIRED if k not in manifest]
         if missing:
             raise BundleError(f"{mpath}: manifest lacks {missing}")
+        _check_manifest(mpath, manifest)
         for name, entry in manifest["files"].items():
             fpath = path / name
             if not fpath.is_file():
@@ -203,8 +250,7 @@ class Bundle:
         """(W [D, D], b [D]) float32 on the CPU, or None when the model has no whitening FC."""
         if not self.has_whitening:
             return None
-        from safetensors.torch import load_file
-        t = load_file(self.path / HEAD_FILE)
+        t = _load_safetensors(self.path / HEAD_FILE)
         try:
             return t["fc.weight"].float(), t["fc.bias"].float()
         except KeyError as e:
@@ -227,10 +273,12 @@ class Bundle:
             raise BundleError(f"{self.path}: no PyTorch trunk in this bundle: {self.torch_unavailable_reason}")
         fpath = self.path / fname
         if t.get("kind") == "torchscript":
-            return torch.jit.load(str(fpath), map_location="cpu").eval()
-        from safetensors.torch import load_file
+            try:
+                return torch.jit.load(str(fpath), map_location="cpu").eval()
+            except (RuntimeError, OSError, ValueError) as e:
+                raise BundleError(f"{fpath}: not a loadable TorchScript trunk ({e}); re-export the bundle") from e
         trunk = _build_known_trunk(self.family, self.depth, self.relu_plus)
-        state = load_file(fpath)
+        state = _load_safetensors(fpath)
         try:
             trunk.load_state_dict(state, strict=True)
         except RuntimeError as e:
@@ -244,6 +292,16 @@ class Bundle:
                                  family=self.family, depth=self.depth, relu_plus=self.relu_plus,
                                  normalization=self.normalization, name=self.name)
         return model.eval()
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A bundle's .safetensors file, or BundleError naming it (missing, truncated, not safetensors)."""
+    from safetensors.torch import load_file
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors raises its own SafetensorError, OSError, ValueError...
+        raise BundleError(f"{path}: cannot be read as safetensors ({type(e).__name__}: {e}); "
+                          "re-export the bundle") from e
 
 
 def _build_known_trunk(family: str, depth: int | None, relu_plus: bool) -> torch.nn.Module:

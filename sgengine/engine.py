@@ -16,6 +16,8 @@ ANN's M' candidates re-scored exactly from the stored rows; `SearchResult.first_
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
 import os
 import threading
@@ -31,12 +33,12 @@ from . import head as head_stage
 from . import rerank as rerank_stage
 from . import search as search_stage
 from .search import ann as ann_stage
-from ._checks import check_choice, check_finite, check_int, check_real, parse_device
+from ._checks import check_bool, check_choice, check_finite, check_int, check_real, check_unit_rows, parse_device
 from .backbone import load_backbone
 from .bundle import Bundle
 from .cublas import ieee_if_cuda
-from .errors import BundleError, IndexError_, IndexMismatchError, InputError
-from .index import Index
+from .errors import BundleError, IndexError_, IndexMismatchError, InputError, MemoryLimitError
+from .index import NORM_TOLERANCE, Index
 from .preprocess import DecodedImage, describe_source, ensure_min_size, load_image, resize_for_scale, to_tensor
 
 
@@ -127,6 +129,37 @@ class _Timer:
 # nq x M' x D floats at once (64 queries x 800 x 2048 would be 420 MB).
 _RESCORE_BLOCK_BYTES = 64 << 20
 
+# Calls that decode and embed images at once, by default: one 2048 px query holds ~2 GB of
+# activations at its largest scale (EfficientNet-Lite0, CPU), so N threads would hold N times that.
+DEFAULT_MAX_CONCURRENT = 2
+# Beyond this the neighbours' weights (beta * similarity, SPEC 6.3) swamp the row's own weight 1
+# below float32 resolution; SPEC's default is 0.15.
+MAX_BETA = 1e6
+# How allocators word their failures (torch's CPU allocator, ONNX Runtime, CUDA, C++ new).
+_OOM_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory", "failed to allocate memory",
+              "bad_alloc", "bad allocation")
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or any(w in str(e).lower() for w in _OOM_WORDS)
+
+
+def _load_malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc; absent elsewhere (macOS, musl)
+    except (OSError, AttributeError):
+        return None
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the OS. glibc keeps what a large query freed in its
+    arenas (one per thread that allocated), so without this the process stays at its peak."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
 
 def _is_descriptor_input(query: Any) -> bool:
     if isinstance(query, torch.Tensor):
@@ -134,12 +167,12 @@ def _is_descriptor_input(query: Any) -> bool:
     return isinstance(query, np.ndarray) and np.issubdtype(query.dtype, np.floating)
 
 
-def _graphable_rerank(q: torch.Tensor, Y: torch.Tensor, static: tuple[int, float]):
+def _graphable_rerank(q: torch.Tensor, Y: torch.Tensor, static: tuple[int, float, bool]):
     """The Triton rerank as a CUDA graph captures it (no host-side checks inside); the engine
     checks the scores after the replay."""
     from .kernels.rerank_triton import rerank_triton
-    K, beta = static
-    return rerank_triton(q, Y, K, beta)
+    K, beta, adaptive = static
+    return rerank_triton(q, Y, K, beta, adaptive=adaptive)
 
 
 def _on_device(method):
@@ -161,7 +194,7 @@ class Engine:
     def __init__(self, bundle: Bundle, backbone, index: Index | None, *, device: torch.device, head_impl: str,
                  rerank_impl: str, search_impl: str, max_side: int | None, cuda_graphs: bool | None,
                  ann: str = "auto", ann_candidates: int | None = None, ann_params: dict | None = None,
-                 ann_device: str = "auto") -> None:
+                 ann_device: str = "auto", max_concurrent_queries: int = DEFAULT_MAX_CONCURRENT) -> None:
         self.bundle = bundle
         self.backbone = backbone
         self.index = index
@@ -170,6 +203,8 @@ class Engine:
         self.rerank_impl = rerank_impl
         self.search_impl = search_impl
         self.max_side = max_side
+        self.max_concurrent_queries = max_concurrent_queries
+        self._slots = threading.BoundedSemaphore(max_concurrent_queries)
         self.scales = tuple(bundle.head_config.scales)
         self.normalization = bundle.normalization
         self.min_side = int(bundle.min_side)
@@ -194,7 +229,8 @@ class Engine:
             # (H200): one graph per (nq, M') replays all of it with one launch.
             from .cuda_graphs import CudaGraphCache
             graphs = self._rerank_graphs = CudaGraphCache(_graphable_rerank, device, max_graphs=8)
-            self._rerank = lambda q, Y, K, beta: graphs(q.contiguous(), Y.contiguous(), static=(K, beta))
+            self._rerank = lambda q, Y, K, beta, adaptive=False: graphs(q.contiguous(), Y.contiguous(),
+                                                                        static=(K, beta, adaptive))
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -203,7 +239,8 @@ class Engine:
              rerank_impl: str = "auto", threads: int | None = None, max_side: int | None = None,
              cuda_graphs: bool | None = None, plan_cache: str | os.PathLike | None = None,
              build_plan: bool = True, search_impl: str = "auto", ann: str = "auto", ann_candidates: int | None = None,
-             ann_params: dict | None = None, ann_device: str = "auto") -> "Engine":
+             ann_params: dict | None = None, ann_device: str = "auto",
+             max_concurrent_queries: int = DEFAULT_MAX_CONCURRENT, verify: bool = False) -> "Engine":
         """Verify the bundle, create the backbone session once, open the index (same bundle only),
         and choose every stage's implementation; `describe()` shows the choices.
 
@@ -213,9 +250,15 @@ class Engine:
         or a name in sgengine.head.IMPLS; rerank_impl: "auto" or a name in sgengine.rerank.IMPLS
         ("auto" on the CPU is chosen for the bundle's M, capped at the index size);
         search_impl: the exact first stage ("auto" or a name in sgengine.search.IMPLS: "upcast", "cpu_native", "split").
-        max_side: long-side cap for decoded images (default: the bundle's, 2048). cuda_graphs:
+        max_side: long-side cap for decoded images (default: the bundle's, 2048; at least the bundle's
+        min_side, the smallest side the network takes). max_concurrent_queries: how many calls that
+        decode or embed images (search with images, embed, embed_decoded, decode) run at once; the
+        others wait their turn, so memory is bounded by that many queries' working memory (default
+        2; descriptor searches never wait). cuda_graphs:
         replay CUDA graphs of the torch backbone per input shape and of the Triton rerank
-        (default on, on CUDA). plan_cache / build_plan: where TensorRT plans are cached (default:
+        (default on, on CUDA). verify: check every hash of the index (Index.verify, about 1.5-1.8 s
+        per GB from the page cache on a 2-core VM) before using it; without it only the cheap checks
+        of Index.open run (headers, sizes, unique ids). plan_cache / build_plan: where TensorRT plans are cached (default:
         beside the bundle) and whether a missing or stale one may be built now (minutes). On CUDA
         the index rows are uploaded here, once.
 
@@ -232,6 +275,7 @@ class Engine:
         """
         if threads is not None:
             threads = check_int(threads, "threads", 1)
+        max_concurrent_queries = check_int(max_concurrent_queries, "max_concurrent_queries", 1)
         check_choice(ann, "ann", ann_stage.MODES)
         check_choice(ann_device, "ann_device", ann_stage.DEVICES)
         if ann_candidates is not None:
@@ -247,6 +291,11 @@ class Engine:
                               f"R-GeM p={head_stage.RGEM_P}, {head_stage.RGEM_SIZE}x{head_stage.RGEM_SIZE}, mix "
                               f"{head_stage.RGEM_MIX}; GeM+ p={head_stage.GEMP_P}, eps {head_stage.GEMP_EPS}), which "
                               f"the engine's head kernels compute")
+        if max_side is not None:
+            max_side = check_int(max_side, "max_side", 1)
+            if max_side < b.min_side:
+                raise InputError(f"max_side={max_side} is below {b.min_side}, the smallest side {b.path}'s network "
+                                 "takes (SPEC 9): every image would be shrunk, then stretched back up")
         head = head_stage.resolve_impl(head_impl, dev)
         bb = load_backbone(b, device=str(dev), backend=backend, threads=threads, precision=precision,
                            cuda_graphs=cuda_graphs, plan_cache=plan_cache, build_plan=build_plan, max_side=max_side)
@@ -261,8 +310,10 @@ class Engine:
                     raise IndexMismatchError(
                         f"index {idx.path} was built by bundle {idx.bundle_fingerprint[:12]}, not by {b.path} "
                         f"({b.fingerprint[:12]}): rebuild the index with this bundle")
+                if check_bool(verify, "verify"):
+                    idx.verify()
             else:
-                idx = Index.open(index, bundle_fingerprint=b.fingerprint)
+                idx = Index.open(index, bundle_fingerprint=b.fingerprint, verify=check_bool(verify, "verify"))
             if idx.dim != b.dim:
                 raise IndexMismatchError(f"index {idx.path} holds {idx.dim}-d descriptors; bundle {b.path} makes {b.dim}-d")
             if len(idx):
@@ -273,7 +324,8 @@ class Engine:
         rerank = rerank_stage.resolve_impl(rerank_impl, dev, m_default)
         engine = cls(b, bb, idx, device=dev, head_impl=head, rerank_impl=rerank, search_impl=search,
                      max_side=max_side if max_side is not None else b.max_side, cuda_graphs=cuda_graphs,
-                     ann=ann, ann_candidates=ann_candidates, ann_params=ann_params, ann_device=ann_device)
+                     ann=ann, ann_candidates=ann_candidates, ann_params=ann_params, ann_device=ann_device,
+                     max_concurrent_queries=max_concurrent_queries)
         if idx is not None and ann != "off":
             if ann == "require" or idx.ann_state() == "fresh":
                 engine._ann_for(ann)  # verifies and loads it now; "require" raises when there is none fresh
@@ -298,9 +350,12 @@ class Engine:
             "head_impl": self.head_impl,
             "search_impl": self.search_impl,
             "rerank_impl": self.rerank_impl + (" +cuda_graphs" if self._rerank_graphs is not None else ""),
+            # The modes search(rerank=...) takes ("faithful" is the default) and the impl each runs on.
+            "rerank_modes": {mode: self.rerank_impl for mode in rerank_stage.MODES},
             "precision": getattr(self.backbone, "precision", "fp32"),
             "scales": list(self.scales),
             "max_side": self.max_side,
+            "max_concurrent_queries": self.max_concurrent_queries,
             "index": None if self.index is None else {
                 "path": str(self.index.path), "count": len(self.index), "dtype": self.index.dtype,
                 "rows": self._rows.residency()},
@@ -359,9 +414,18 @@ class Engine:
         return self._ann, note
 
     # ---------------------------------------------------------------- embedding
+    @contextlib.contextmanager
+    def _working_memory(self):
+        """One of the engine's `max_concurrent_queries` slots for a call that decodes or embeds
+        images; what the call freed goes back to the OS when it ends."""
+        with self._slots:
+            yield
+        release_free_memory()
+
     def decode(self, source: Any, *, name: str | None = None, color_order: str = "RGB") -> DecodedImage:
         """Decode one input to BGR uint8 (SPEC 1), capped at max_side. Raises ImageDecodeError/InputError naming it."""
-        return load_image(source, name=name, color_order=color_order, max_side=self.max_side)
+        with self._working_memory():
+            return load_image(source, name=name, color_order=color_order, max_side=self.max_side)
 
     def _head(self, fmap: torch.Tensor) -> torch.Tensor:
         """One scale's s4 map -> whitened descriptor (SPEC 3.3-3.6). The backbone's maps are
@@ -395,37 +459,56 @@ class Engine:
                          ) -> tuple[torch.Tensor, list[list[str]]]:
         """Decoded images -> (float32 [n, D] unit rows on the engine's device, notes per image).
 
-        Each image's 8-bit pixels are uploaded once; normalization, the SPEC 9 upscale and the
-        per-scale resizes run on the device. Images of equal size are batched together."""
+        Images of equal size are batched together; each batch's 8-bit pixels are uploaded and
+        normalized just before it runs (so float copies of at most `batch_size` images exist at
+        once), and the SPEC 9 upscale and the per-scale resizes run on the device. An allocator's
+        failure becomes MemoryLimitError naming the images."""
         out = torch.empty((len(images), self.dim), dtype=torch.float32, device=self.device)
         notes: list[list[str]] = [list(im.notes) for im in images]
-        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-        tensors: dict[int, torch.Tensor] = {}
-        t0 = timer.now()
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for i, im in enumerate(images):
-            x = to_tensor(im.bgr, self.normalization, device=self.device)
-            x, note = ensure_min_size(x, self.min_side, max_side=self.max_side)
-            if note:
-                notes[i].append(note)
-            tensors[i] = x
-            groups[tuple(x.shape[-2:])].append(i)
-        timer.add("preprocess", t0)
+            groups[im.bgr.shape].append(i)
         for members in groups.values():
             for start in range(0, len(members), batch_size):
                 chunk = members[start:start + batch_size]
-                x = tensors[chunk[0]] if len(chunk) == 1 else torch.cat([tensors[i] for i in chunk])
                 try:
+                    t0 = timer.now()
+                    xs = []
+                    for i in chunk:
+                        x, note = ensure_min_size(to_tensor(images[i].bgr, self.normalization, device=self.device),
+                                                  self.min_side, max_side=self.max_side)
+                        if note:
+                            notes[i].append(note)
+                        xs.append(x)
+                    x = xs[0] if len(xs) == 1 else torch.cat(xs)
+                    del xs
+                    timer.add("preprocess", t0)
                     d = self._embed_tensor(x, timer)
+                    del x
                     check_finite(d, "descriptors")
                 except InputError as e:  # NaN/inf features: say which images, not which batch slot
-                    names = ", ".join(images[i].name for i in chunk)
-                    raise InputError(f"{names}: {e}") from e
+                    raise InputError(f"{self._names(images, chunk)}: {e}") from e
+                except Exception as e:
+                    if not _is_out_of_memory(e):
+                        raise
+                    h, w = images[chunk[0]].bgr.shape[:2]
+                    raise MemoryLimitError(
+                        f"{self._names(images, chunk)}: out of memory embedding {len(chunk)} image(s) of {w}x{h} px "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); lower max_side "
+                        f"({self.max_side}), batch_size or max_concurrent_queries ({self.max_concurrent_queries}), "
+                        "or give the process more memory") from e
                 out[chunk] = d.float()
         return out, notes
 
+    @staticmethod
+    def _names(images: Sequence[DecodedImage], chunk: Sequence[int]) -> str:
+        return ", ".join(images[i].name for i in chunk)
+
     def embed_decoded(self, images: Sequence[DecodedImage], *, batch_size: int = 8) -> tuple[np.ndarray, list[list[str]]]:
         """Decoded images -> (float32 [n, D] unit rows, notes per image). Equal sizes are batched together."""
-        return self._embed_decoded(images, check_int(batch_size, "batch_size", 1))
+        batch_size = check_int(batch_size, "batch_size", 1)
+        with self._working_memory():
+            return self._embed_decoded(images, batch_size)
 
     @_on_device
     def _embed_decoded(self, images: Sequence[DecodedImage], batch_size: int) -> tuple[np.ndarray, list[list[str]]]:
@@ -433,6 +516,11 @@ class Engine:
         out, notes = self._embed_on_device(images, batch_size=batch_size, timer=timer)
         timer.finish()
         return out.cpu().numpy(), notes
+
+    def _decode_all(self, items: Sequence[Any], offset: int, many: bool, color_order: str) -> list[DecodedImage]:
+        """Decode inputs, each named by its position in the caller's list when there are several. Trusts its inputs."""
+        return [load_image(src, name=describe_source(src, offset + j) if many else None, color_order=color_order,
+                           max_side=self.max_side) for j, src in enumerate(items)]
 
     def embed(self, inputs: Any, *, color_order: str = "RGB", batch_size: int = 8, progress: bool = False) -> np.ndarray:
         """Images -> float32 [n, D] unit rows (one input gives [1, D]).
@@ -449,40 +537,59 @@ class Engine:
             from tqdm import tqdm
             it = tqdm(it, total=(len(items) + 63) // 64, desc="embed", unit="batch")
         for start in it:
-            chunk = items[start:start + 64]
-            decoded = [self.decode(src, name=describe_source(src, start + j) if len(items) > 1 else None,
-                                   color_order=color_order) for j, src in enumerate(chunk)]
-            out.append(self._embed_decoded(decoded, batch_size)[0])
+            with self._working_memory():
+                decoded = self._decode_all(items[start:start + 64], start, len(items) > 1, color_order)
+                out.append(self._embed_decoded(decoded, batch_size)[0])
+                del decoded
         return np.concatenate(out) if out else np.empty((0, self.dim), np.float32)
 
     # ---------------------------------------------------------------- search
     def _query_descriptors(self, query: Any, color_order: str, timer: _Timer) -> tuple[torch.Tensor, list[str]]:
-        """The query as float32 [nq, D] unit rows on the engine's device, and what was adjusted."""
+        """The query as float32 [nq, D] unit rows on the engine's device, and what was adjusted.
+        Images are decoded and embedded in one of the engine's working-memory slots."""
         if _is_descriptor_input(query):
-            q = torch.as_tensor(query).detach().to("cpu", torch.float32)
-            q = q.reshape(1, -1) if q.ndim == 1 else q
-            if q.ndim != 2 or q.shape[1] != self.dim:
-                raise InputError(f"query descriptors must be [D] or [n, D] with D={self.dim}, "
-                                 f"got shape {list(torch.as_tensor(query).shape)}")
-            check_finite(q, "query descriptors")
-            return q.to(self.device), []
+            return self._check_descriptors(query).to(self.device), []
         items = list(query) if isinstance(query, (list, tuple)) else [query]
-        t0 = timer.now(host=True)
-        decoded = [self.decode(src, name=describe_source(src, j) if len(items) > 1 else None, color_order=color_order)
-                   for j, src in enumerate(items)]
-        timer.add("decode", t0)
-        q, per_image = self._embed_on_device(decoded, batch_size=8, timer=timer)
+        with self._working_memory():
+            t0 = timer.now(host=True)
+            decoded = self._decode_all(items, 0, len(items) > 1, color_order)
+            timer.add("decode", t0)
+            q, per_image = self._embed_on_device(decoded, batch_size=8, timer=timer)
+            del decoded
         return q, [n for notes in per_image for n in notes]
 
+    def _check_descriptors(self, query: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Floating [D] or [n, D] descriptors -> float32 [n, D] on the CPU, after the checks
+        Index.add makes of stored rows: finite, unit L2 norm (InputError naming the row)."""
+        if isinstance(query, torch.Tensor) and query.is_meta:
+            raise InputError("query descriptors: a tensor on the 'meta' device holds no values; pass real values "
+                             "(a numpy array, or a tensor on the CPU or the engine's device)")
+        if isinstance(query, torch.Tensor) and query.layout != torch.strided:
+            raise InputError(f"query descriptors: a {query.layout} tensor; pass a dense one (x.to_dense())")
+        if isinstance(query, np.ndarray):  # native byte order, positive strides, a dtype torch has
+            dtype = np.float64 if query.dtype.itemsize > 8 else query.dtype.newbyteorder("=")
+            query = np.ascontiguousarray(query, dtype=dtype)
+        x = torch.as_tensor(query).detach().to("cpu")
+        if x.ndim == 1:
+            x = x.reshape(1, -1)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise InputError(f"query descriptors must be [D] or [n, D] with D={self.dim}, got shape {list(query.shape)}")
+        check_unit_rows(x, "query descriptor", NORM_TOLERANCE)
+        return x.to(torch.float32)
+
     @_on_device
-    def search(self, query: Any, k: int = 100, *, rerank: bool = True, M: int | None = None, K: int | None = None,
+    def search(self, query: Any, k: int = 100, *, rerank: bool | str = True, M: int | None = None, K: int | None = None,
                beta: float | None = None, color_order: str = "RGB", ann: str | None = None) -> SearchResult:
         """Rank the index for one query or a batch: a `SearchResult` with one row per query.
 
         query: an image (path, bytes, PIL, uint8 array), a list of images, or precomputed descriptors
-        (a floating numpy array / tensor, [D] or [n, D]). rerank=True applies SuperGlobal reranking
-        to the first-stage top M (defaults from the bundle: M=400, K=9, beta=0.15).
-        k > len(index) is clamped to len(index) (noted in result.notes); k <= 0 is an error.
+        (a floating numpy array / tensor, [D] or [n, D]). rerank=True (or "faithful") applies
+        SuperGlobal reranking (SPEC 6), rerank="adaptive" its adaptive mode
+        (docs/adaptive_rerank.md), to the first-stage top M (defaults from the bundle: M=400, K=9,
+        beta=0.15; M >= 1, K >= 0, 0 <= beta <= MAX_BETA). k > len(index) is clamped to len(index) (noted in result.notes);
+        k <= 0 is an error. Descriptors must be finite and unit length (|norm - 1| <= 1e-3, as
+        Index.add requires); a stored row holding NaN/inf that reaches the results is an
+        IndexError_ naming it (the index is damaged), never a result.
         ann: this call's ANN setting ("auto", "require", "off"; default: the engine's, see
         `Engine.load`); `result.first_stage` says what ran.
         """
@@ -495,7 +602,8 @@ class Engine:
         d = self.bundle.rerank_defaults
         M = check_int(d["M"] if M is None else M, "M", 1)
         K = check_int(d["K"] if K is None else K, "K", 0)
-        beta = check_real(d["beta"] if beta is None else beta, "beta")
+        beta = check_real(d["beta"] if beta is None else beta, "beta", 0.0, MAX_BETA)
+        rerank, adaptive = rerank_stage.rerank_setting(rerank)
         mode = self.ann_mode if ann is None else check_choice(ann, "ann", ann_stage.MODES)
         t_start = time.perf_counter()
         timer = _Timer(self.device)
@@ -518,12 +626,14 @@ class Engine:
             t0 = timer.now()
             scores, rows = self._rows.topk(q, max(k, m), self.search_impl)
             t0 = timer.add("search", t0)
+        f = None
         if m and len(q):
             Y = self._rows.gather(rows[:, :m])
             t0 = timer.add("gather", t0)
-            order, f = self._rerank(q, Y, K, beta)
+            order, f = self._rerank(q, Y, min(K, m), beta, adaptive)
             timer.add("rerank", t0)
-            rerank_stage.check_reranked(f, "database rows among the candidates")
+        self._check_scores(scores, rows, f, K, beta)
+        if f is not None:
             rows, scores = rerank_stage.merge_reranked(rows, scores, m, order, f)
         rows_np = rows[:, :k].cpu().numpy()
         scores_np = scores[:, :k].to(torch.float32).cpu().numpy()
@@ -532,6 +642,27 @@ class Engine:
         ids = [[all_ids[r] for r in row] for row in rows_np]
         ms["total"] = (time.perf_counter() - t_start) * 1e3
         return SearchResult(ids, rows_np, scores_np, ms, notes, first_stage)
+
+    def _check_scores(self, first: torch.Tensor, rows: torch.Tensor, f: torch.Tensor | None, K: int, beta: float
+                      ) -> None:
+        """One look (one device sync) at the first-stage scores [nq, k'] of `rows` and the rerank's
+        scores f [nq, M'] (None: no rerank). The queries are finite, so a non-finite first-stage
+        score means the stored row holds NaN/inf: the index is damaged (IndexError_ naming the
+        row). With finite candidates, a non-finite rerank score can only come from the weights
+        1 + beta * (neighbour similarities) cancelling (InputError naming beta)."""
+        bad = ~torch.isfinite(first)
+        seen = torch.stack([bad.any()] + ([] if f is None else [(~torch.isfinite(f)).any()])).cpu().tolist()
+        if seen[0]:
+            i, j = (int(t) for t in torch.nonzero(bad)[0])
+            r = int(rows[i, j])
+            raise IndexError_(f"index {self.index.path}: stored row {r} (id {self.index.ids[r]!r}) holds NaN or inf "
+                              f"values (its score for query {i} is {float(first[i, j])}): the index is damaged; "
+                              "Index.verify() names the file, and a rebuild replaces it")
+        if len(seen) > 1 and seen[1]:
+            i = int(torch.nonzero(~torch.isfinite(f))[0, 0])
+            raise InputError(f"rerank scores of query {i} are not finite with K={K}, beta={beta:g}: the neighbour "
+                             "weights 1 + beta * (sum of neighbour similarities) cancel (SPEC 6.3-6.4); use a smaller "
+                             f"beta (default {self.bundle.rerank_defaults['beta']})")
 
     def _ann_first_stage(self, ann_index: ann_stage.Ann, q: torch.Tensor, k: int, need: int, timer: _Timer,
                          notes: list[str]) -> tuple[torch.Tensor, torch.Tensor, str]:

@@ -35,3 +35,7 @@ class BackendUnavailableError(SgengineError, RuntimeError):
 
 class ParityError(SgengineError):
     """An exported graph whose output differs from PyTorch beyond the documented tolerance."""
+
+
+class MemoryLimitError(SgengineError, MemoryError):
+    """A query or image that needed more memory than the process could get (names it and its size)."""

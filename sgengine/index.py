@@ -311,8 +311,10 @@ def _check_creatable(root: Path) -> None:
         return
     if not root.is_dir():
         raise IndexError_(f"{root} exists and is not a directory: choose another index path")
-    # An interrupted create leaves at most an empty segments/, a manifest temp file and the lock.
-    leftovers = {p.name for p in root.iterdir()} - {_SEGDIR, _MANIFEST_TMP, _LOCK}
+    # An interrupted create leaves at most an empty segments/, a manifest temp file and the lock;
+    # a manifest that appeared since the caller looked is a concurrent create that won (the
+    # caller's check under the lock finds it).
+    leftovers = {p.name for p in root.iterdir()} - {_SEGDIR, _MANIFEST_TMP, _LOCK, _MANIFEST}
     seg = root / _SEGDIR
     if leftovers or (seg.is_dir() and any(seg.iterdir())):
         raise IndexError_(f"{root} is not empty and holds no index ({_MANIFEST} missing): "

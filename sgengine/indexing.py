@@ -178,13 +178,14 @@ def embed_files(engine, items, *, batch_size: int = 8) -> EmbeddedFiles:
         return EmbeddedFiles([], np.empty((0, engine.dim), np.float32), [], failed)
     try:
         desc, notes = engine.embed_decoded(decoded, batch_size=batch_size)
-    except InputError:
-        # One image with non-finite features: embed the chunk one by one so only it is lost.
+    except SgengineError:
+        # One image with non-finite features, or a chunk too large for memory: embed it one by one
+        # so only what fails alone is lost.
         desc, notes, keep = [], [], []
         for im, rel in zip(decoded, ids):
             try:
                 d1, n1 = engine.embed_decoded([im], batch_size=1)
-            except InputError as e:
+            except SgengineError as e:
                 failed.append((rel, str(e)))
                 continue
             desc.append(d1)

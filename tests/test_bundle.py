@@ -109,6 +109,9 @@ def test_truncated_and_missing_files(exported, tmp_path):
         f.truncate(100)
     with pytest.raises(BundleError, match="head.safetensors is 100 bytes"):
         Bundle.load(d)
+    unverified = Bundle.load(d, verify=False)  # hashes skipped: reading the weights still names the file
+    with pytest.raises(BundleError, match="head.safetensors: cannot be read as safetensors"):
+        unverified.whitening()
     (d / "head.safetensors").unlink()
     with pytest.raises(BundleError, match="head.safetensors listed in the manifest is missing"):
         Bundle.load(d)
@@ -142,3 +145,20 @@ def test_not_a_bundle(tmp_path):
         Bundle.load(tmp_path)
     with pytest.raises(BundleError, match="not a directory"):
         Bundle.load(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_bundle_files_follow_the_umask(tmp_path, umask, mode):
+    """Bundle files get the mode a plain open() gives (a service user can load a bundle exported
+    under umask 022), not the 0600 of the temporary files they are renamed from."""
+    from sgengine.model.factory import from_trunk
+    torch.manual_seed(0)
+    trunk = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.ReLU())
+    old = os.umask(umask)
+    try:
+        export_bundle(from_trunk(trunk), tmp_path / "b", check=False, exporter="legacy", progress=lambda s: None)
+    finally:
+        os.umask(old)
+    files = sorted(os.listdir(tmp_path / "b"))
+    assert MANIFEST in files and "head.safetensors" in files
+    assert {f: oct(os.stat(tmp_path / "b" / f).st_mode & 0o777) for f in files} == {f: oct(mode) for f in files}

@@ -853,3 +853,27 @@ def test_cli_errors_are_one_line_with_status_2(tiny_engine, tiny_bundle, tmp_pat
     for args, says in cases:
         rc, _, err = run_cli(capsys, *args)
         assert_one_line_error(rc, err, says)
+
+
+def test_engine_load_verify_finds_a_same_size_edit(tmp_path, default_bundle):
+    """Engine.load(verify=True) runs the full check; without it only the cheap ones (they cannot see
+    rows swapped in place)."""
+    from sgengine import Engine
+    from sgengine.bundle import Bundle
+    b = Bundle.load(default_bundle)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((12, b.dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    path = tmp_path / "ix"
+    Index.create(path, dim=b.dim, bundle_fingerprint=b.fingerprint).add(x, [f"r{i}" for i in range(12)])
+    npy = seg_file(path)
+    with open(npy, "r+b") as f:
+        f.seek(rows_offset(npy))
+        f.write(np.concatenate([x[1:2], x[0:1], x[2:]]).tobytes())
+    Engine.load(b, index=path)  # the cheap checks pass
+    with pytest.raises(IndexError_, match="does not match its sha256"):
+        Engine.load(b, index=path, verify=True)
+    with pytest.raises(IndexError_, match="does not match its sha256"):
+        Engine.load(b, index=Index.open(path), verify=True)
+    with pytest.raises(InputError, match="verify must be True or False"):
+        Engine.load(b, index=path, verify="yes")

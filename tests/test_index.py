@@ -450,3 +450,19 @@ def test_row_checks_name_rows_past_the_first_block(tmp_path):
     x[66_001] = [1.0, 0, 0, 0]
     ix.add(x, names("r", 70_000))
     assert len(ix) == 70_000
+
+
+@pytest.mark.parametrize("mask,mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_index_files_follow_the_umask(tmp_path, mask, mode):
+    """A service user must be able to read an index its builder wrote: files get the mode a plain
+    open() would give them, not the 0600 of the temporary files they were written as."""
+    old = os.umask(mask)
+    try:
+        ix = Index.create(tmp_path / "ix", dim=4, bundle_fingerprint="ab" * 32)
+        ix.add(np.eye(4, dtype=np.float32), ["a", "b", "c", "d"])
+        ix.add(np.eye(4, dtype=np.float32)[::-1].copy(), ["e", "f", "g", "h"])
+        ix.compact()
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "ix").rglob("*") if p.is_file() and p.name != "index.lock"]
+    assert files and {oct(p.stat().st_mode & 0o777) for p in files} == {oct(mode)}

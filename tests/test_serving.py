@@ -355,9 +355,9 @@ def test_engine_reranks_with_the_callable_chosen_at_load(serving_bundle, photo_i
     want = eng.search(queries[0], k=10)
     chosen, calls = eng._rerank, []
 
-    def runner(q_, Y_, K_, beta_):
+    def runner(q_, Y_, K_, beta_, adaptive_):
         calls.append(tuple(Y_.shape))
-        return chosen(q_, Y_, K_, beta_)
+        return chosen(q_, Y_, K_, beta_, adaptive_)
 
     eng._rerank = runner
     got = eng.search(queries[0], k=10, M=12)
@@ -365,12 +365,12 @@ def test_engine_reranks_with_the_callable_chosen_at_load(serving_bundle, photo_i
     full = eng.search(queries[0], k=10)
     assert np.array_equal(full.rows, want.rows) and np.array_equal(full.scores, want.scores)
 
-    def broken(q_, Y_, K_, beta_):
-        order, f = chosen(q_, Y_, K_, beta_)
+    def broken(q_, Y_, K_, beta_, adaptive_):
+        order, f = chosen(q_, Y_, K_, beta_, adaptive_)
         f[0, 3] = float("nan")
         return order, f
 
     eng._rerank = broken
-    with pytest.raises(InputError, match="NaN or inf"):
+    with pytest.raises(InputError, match="rerank scores of query 0 are not finite"):
         eng.search(queries[0], k=10)
     assert got.rows.shape == (1, 10)

@@ -85,6 +85,10 @@ class OnnxRuntimeBackbone:
             providers: list = [(CUDA, options), CPU]
         elif self.device.type == "cpu":
             providers = [CPU]
+            # ORT's CPU arena keeps the largest query's activations for the life of the session
+            # (2.9 GB after one 2048 px query with EfficientNet-Lite0) and rounds them up to powers
+            # of two; without it the memory goes back after each run, for ~10-20% more CPU time.
+            so.enable_cpu_mem_arena = False
         else:
             raise BackendUnavailableError(f"onnxruntime backend: device {device!r} is not supported (use 'cpu' or 'cuda')")
         try:

@@ -93,6 +93,26 @@ def check_example(exe: Path, fixture: Path, k: int, label: str = "example", want
 
 
 # ------------------------------------------------------------------------------------------ api
+def share_packages(python: str, venv: Path) -> None:
+    """A new virtual environment at `venv` that imports what `python` imports.
+
+    `--system-site-packages` alone shares the *base* interpreter's packages: when `python` is
+    itself a virtual environment's (sgengine installed there, as `pip install -e` users have it),
+    the new one would not see sgengine. So its site-packages also gets a .pth file that adds
+    each of `python`'s site directories with site.addsitedir, which runs their .pth files too
+    (an editable install is one).
+    """
+    subprocess.run([python, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    probe = ("import json, site, sys; dirs = site.getsitepackages() + "
+             "([site.getusersitepackages()] if site.ENABLE_USER_SITE else []); print(json.dumps(dirs))")
+    outer = json.loads(subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True,
+                                      env=clean_env()).stdout)
+    inner = json.loads(subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True,
+                                      check=True, env=clean_env()).stdout)
+    lines = "".join(f"import site; site.addsitedir({d!r})\n" for d in outer if os.path.isdir(d))
+    (Path(inner[0]) / "_outer_environment.pth").write_text(lines)
+
+
 def python_error(f) -> str:
     try:
         f()
@@ -180,7 +200,7 @@ def check_api(exe: Path, fixture: Path, k: int, python: str) -> list[str]:
     # interpreter must take it as sys.prefix with no PYTHONHOME, and still import sgengine.
     with tempfile.TemporaryDirectory() as tmp:
         venv = Path(tmp) / "venv"
-        subprocess.run([python, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+        share_packages(python, venv)
         out = run_cpp([exe, fixture, str(k), "--describe"], SGENGINE_PYTHON=str(venv / "bin" / "python"))
         emb = json.loads(out.split(" ", 1)[1]).get("embedding", {})
         if os.path.realpath(emb.get("prefix", "")) != os.path.realpath(venv):
