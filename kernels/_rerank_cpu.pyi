@@ -15,14 +15,15 @@ threading: str
 """'openmp' or 'std::thread': how rows (or queries) are spread over threads."""
 
 def certified_rerank(Y: npt.NDArray[np.float32], q: npt.NDArray[np.float32], Kp: int, beta: float, safety: float,
-                     out_rel: float, cap: int, threads: int = 1, isa: str = "auto"
+                     out_rel: float, cap: int, threads: int = 1, isa: str = "auto", likely_slot: int = -1
                      ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], npt.NDArray[np.uint8],
                                 tuple[int, int, int]]:
     """SPEC 6 steps 2-8 for Y [nq, M, D] and q [nq, D] with K' = Kp (1 <= Kp <= M): (order [nq, M],
     scores [nq, M], status [nq], (rows, exact_dots, dense_rows)). status 1: a row of that query is
     not finite or has a norm above 1e15; its order and scores are not valid (the caller reruns it).
     Rows with more than `cap` candidates are dotted whole. One query or threads == 1: the kernels
-    run threaded over rows; else a query per thread."""
+    run threaded over rows; else a query per thread. likely_slot >= 0 runs the adaptive mode
+    (docs/adaptive_rerank.md) with that slot; -1 (default) SPEC 6 as written."""
 
 def certified_neighbours(Y: npt.NDArray[np.float32], q: npt.NDArray[np.float32] | None, Kp: int, safety: float,
                          out_rel: float, cap: int, threads: int = 1, isa: str = "auto"

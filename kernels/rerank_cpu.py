@@ -1,12 +1,15 @@
 """The SuperGlobal rerank on the CPU (SPEC 6), with the contract of `sgengine.rerank.rerank_reference`:
 
-    rerank_cpu_fp32(q [nq, D], Y [nq, M', D], K, beta) -> (order [nq, M'] int64, scores [nq, M'] float32)
-    rerank_cpu_bf16(q, Y, K, beta)                      -> the same, through the certified C++ path
-    certified_rerank(q, Y, K, beta)                     -> (order, scores, stats: dict)
+    rerank_cpu_fp32(q [nq, D], Y [nq, M', D], K, beta, adaptive=False) -> (order [nq, M'] int64, scores [nq, M'] float32)
+    rerank_cpu_bf16(q, Y, K, beta, adaptive=False)      -> the same, through the certified C++ path
+    certified_rerank(q, Y, K, beta, adaptive=False)     -> (order, scores, stats: dict)
     certified_available(), certified_info()             -> whether (and how) the certified path runs here
 
 Both kernels trust their input (`sgengine.rerank.rerank_candidates` checks it once: q [nq, D] and
-Y [nq, M', D] float32, contiguous, on one device; K >= 0; beta finite).
+Y [nq, M', D] float32, contiguous, on one device; K >= 0; beta finite). adaptive=True runs the
+adaptive mode (docs/adaptive_rerank.md): it needs only d, the neighbours' values and the top-K' by
+s1, which both paths already have, so it changes the weights and the expansion set and nothing
+else (the neighbour selection, and so the certification, are the faithful mode's).
 
 The only O(M'^2 D) work is the Gram product; everything else is rearranged so that no [M', D]
 refined matrix is ever built:
@@ -176,10 +179,12 @@ def _gram(Yb: torch.Tensor, out: torch.Tensor, blocks: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def rerank_cpu_fp32(q: torch.Tensor, Y: torch.Tensor, K: int = 9, beta: float = 0.15
+def rerank_cpu_fp32(q: torch.Tensor, Y: torch.Tensor, K: int = 9, beta: float = 0.15, adaptive: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """SPEC 6 steps 2-8 with the float32 Gram and torch.topk: q [nq, D], Y [nq, M', D] float32
-    contiguous -> (order [nq, M'] int64, scores [nq, M'] float32). Torch only: any device."""
+    contiguous -> (order [nq, M'] int64, scores [nq, M'] float32). Torch only: any device.
+    adaptive: the adaptive mode (docs/adaptive_rerank.md)."""
+    from ..rerank import ADAPTIVE_RANK
     nq, M, D = Y.shape
     Kp = min(K + 1, M)
     order = torch.empty(nq, M, dtype=torch.int64, device=Y.device)
@@ -196,8 +201,14 @@ def rerank_cpu_fp32(q: torch.Tensor, Y: torch.Tensor, K: int = 9, beta: float = 
         # First-stage dots of every candidate; s1 from them, no refined rows needed. The
         # [b, 1, D] x [b, D, M] form runs as a GEMM; [b, M, D] x [b, D, 1] took ~10x longer.
         d = torch.bmm(qb[:, None, :], Yt).view(b, M)
+        if adaptive:
+            likely = d >= v[..., min(ADAPTIVE_RANK, Kp - 1)]  # [b, M]: may join the expansion
+            weak = v < d[:, :, None]  # neighbours less similar to the row than the query is
         w = v.mul_(beta)
         w[..., 0] = 1.0  # slot 0 weight forced to 1 (SPEC quirk, even for a duplicate)
+        if adaptive:
+            weak[..., 0] = False
+            w.masked_fill_(weak, 0.0)
         wsum = w.sum(dim=2)  # [b, M]
         n_flat = n.view(b, M * Kp)
         s1 = (w * torch.gather(d, 1, n_flat).view(b, M, Kp)).sum(dim=2).div_(wsum)
@@ -212,9 +223,17 @@ def rerank_cpu_fp32(q: torch.Tensor, Y: torch.Tensor, K: int = 9, beta: float = 
         rows = (nb + torch.arange(b, device=Y.device)[:, None, None] * M).view(b * Kp, Kp)
         refined = torch.nn.functional.embedding_bag(rows, Yb.reshape(b * M, D), per_sample_weights=wb.reshape(b * Kp, Kp),
                                                     mode="sum").view(b, Kp, D)
-        qe = refined.div_(torch.gather(wsum, 1, best)[:, :, None]).amax(dim=1)  # [b, D]
+        refined = refined.div_(torch.gather(wsum, 1, best)[:, :, None])
+        if adaptive:
+            member = torch.gather(likely, 1, best)  # [b, K']
+            has = member.any(dim=1, keepdim=True)  # none: s2 = s1
+            qe = refined.masked_fill_(~member[:, :, None], float("-inf")).amax(dim=1).masked_fill_(~has, 0.0)
+        else:
+            qe = refined.amax(dim=1)  # [b, D]
         e = torch.bmm(qe[:, None, :], Yt).view(b, M)
         s2 = (w * torch.gather(e, 1, n_flat).view(b, M, Kp)).sum(dim=2).div_(wsum)
+        if adaptive:
+            s2 = torch.where(has, s2, s1)
         f = (s1 + s2).mul_(0.5)
         fs, idx = torch.sort(f, dim=1, descending=True)
         order[a:a + b], scores[a:a + b] = idx, fs
@@ -227,33 +246,34 @@ def _cap(Kp: int, M: int) -> int:
 
 
 @torch.no_grad()
-def certified_rerank(q: torch.Tensor, Y: torch.Tensor, K: int = 9, beta: float = 0.15
+def certified_rerank(q: torch.Tensor, Y: torch.Tensor, K: int = 9, beta: float = 0.15, adaptive: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """cpu_bf16 with what it did: (order, scores, stats) with stats {"rows", "exact_dots" (dots
     taken after sharing symmetric pairs), "dense_rows" (rows past the cap, dotted whole),
     "exact_queries" (queries with a row that is not finite or too large, run by rerank_cpu_fp32,
     which reproduces the reference's NaN/inf handling)}. Needs `certified_available()`; CPU
     tensors."""
+    from ..rerank import ADAPTIVE_RANK
     nq, M, _ = Y.shape
     Kp = min(K + 1, M)
     order, scores, status, (rows, dots, dense) = _native.certified_rerank(
         Y.detach().numpy(), q.detach().numpy(), Kp, float(beta), SAFETY, OUT_REL * SAFETY, _cap(Kp, M),
-        torch.get_num_threads(), ISA)
+        torch.get_num_threads(), ISA, min(ADAPTIVE_RANK, Kp - 1) if adaptive else -1)
     order, scores = torch.from_numpy(order), torch.from_numpy(scores)
     left = torch.from_numpy(status).nonzero().flatten()
     if len(left):
-        order[left], scores[left] = rerank_cpu_fp32(q[left], Y[left], K, beta)
+        order[left], scores[left] = rerank_cpu_fp32(q[left], Y[left], K, beta, adaptive)
     return order, scores, {"rows": rows, "exact_dots": dots, "dense_rows": dense, "exact_queries": len(left)}
 
 
-def rerank_cpu_bf16(q: torch.Tensor, Y: torch.Tensor, K: int = 9, beta: float = 0.15
+def rerank_cpu_bf16(q: torch.Tensor, Y: torch.Tensor, K: int = 9, beta: float = 0.15, adaptive: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """SPEC 6 steps 2-8 through the certified bfloat16 selection (one C++ call for the batch):
     q [nq, D], Y [nq, M', D] float32 contiguous CPU tensors -> (order [nq, M'] int64, scores [nq, M']
     float32), the float32 selection's result. rerank_cpu_fp32 where `certified_available()` is false."""
     if not certified_available():
-        return rerank_cpu_fp32(q, Y, K, beta)
-    order, scores, _ = certified_rerank(q, Y, K, beta)
+        return rerank_cpu_fp32(q, Y, K, beta, adaptive)
+    order, scores, _ = certified_rerank(q, Y, K, beta, adaptive)
     return order, scores
 
 

@@ -23,6 +23,12 @@ Only the Gram (O(M'^2 D)) depends on `precision`; the O(M' D) and O(M' K') steps
 in float32 with plain FMAs. Ties inside the kernels go to the lowest column index, so the output
 is deterministic; the reference leaves tie order unspecified (SPEC 6, "Ties").
 
+The adaptive mode (docs/adaptive_rerank.md; ADAPTIVE=True) changes steps 3, 4 and 6 only: the
+neighbour kernel zeroes the weight of a neighbour less similar to its row than the query is
+(G[i, n] < a_i) and flags the rows the query ranks among the nearest of (a_j >= G[j, n_jr], r =
+LIKELY_SLOT); the expansion takes only flagged rows of the K' best, and with none the final
+kernel uses s2 = s1.
+
 Triton APIs used exist in Triton 3.0 through 3.9 (no tl.sort / tl.topk: the K' <= 33 largest of
 a row are taken by K' masked max passes over the row held in registers).
 """
@@ -36,6 +42,7 @@ import triton.language as tl
 
 from ..cublas import cublas_fp32 as _cublas_fp32
 from ..errors import InputError
+from ..rerank import ADAPTIVE_RANK
 
 __all__ = ["rerank_triton", "interpreting", "PRECISIONS", "GRAMS", "MAX_CANDIDATES"]
 
@@ -103,9 +110,10 @@ def _rerank_rowdot_kernel(Y, V, OUT, M, D, stride_yb, stride_ym,
 
 
 @triton.jit
-def _rerank_neighbors_kernel(G, A, NBR, W, WSUM, S1, M, stride_gb, stride_gm, beta,
+def _rerank_neighbors_kernel(G, A, NBR, W, WSUM, S1, LIKELY, M, stride_gb, stride_gm, beta,
                              KP: tl.constexpr, KP_PAD: tl.constexpr,
-                             BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
+                             BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+                             ADAPTIVE: tl.constexpr, LIKELY_SLOT: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_M)
@@ -132,6 +140,11 @@ def _rerank_neighbors_kernel(G, A, NBR, W, WSUM, S1, M, stride_gb, stride_gm, be
     # (SPEC quirk, kept); the others weigh beta * v.
     w = tl.where(slots[None, :] == 0, 1.0, beta * val)
     w = tl.where(slots[None, :] < KP, w, 0.0)
+    if ADAPTIVE:
+        a_row = tl.load(A + b * M + rows, mask=r_ok, other=0.0)
+        w = tl.where((slots[None, :] > 0) & (val < a_row[:, None]), 0.0, w)
+        kth = tl.sum(tl.where(slots[None, :] == LIKELY_SLOT, val, 0.0), axis=1)
+        tl.store(LIKELY + b * M + rows, (a_row >= kth).to(tl.int8), mask=r_ok)
     wsum = tl.sum(w, axis=1)
     s_ok = r_ok[:, None] & (slots < KP)[None, :]
     a = tl.load(A + b * M + nbr, mask=s_ok, other=0.0)
@@ -144,9 +157,9 @@ def _rerank_neighbors_kernel(G, A, NBR, W, WSUM, S1, M, stride_gb, stride_gm, be
 
 
 @triton.jit
-def _rerank_expand_kernel(Y, S1, NBR, W, WSUM, QE, M, D, stride_yb, stride_ym,
+def _rerank_expand_kernel(Y, S1, NBR, W, WSUM, QE, LIKELY, HAS, M, D, stride_yb, stride_ym,
                           KP: tl.constexpr, KP_PAD: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ADAPTIVE: tl.constexpr):
     # One D-slice of q' per program; every program of a query re-derives the same top-K' of s1
     # (M' values, cheap) instead of waiting on another launch.
     b = tl.program_id(0).to(tl.int64)
@@ -157,6 +170,7 @@ def _rerank_expand_kernel(Y, S1, NBR, W, WSUM, QE, M, D, stride_yb, stride_ym,
     s_ok = slots < KP
     s = tl.load(S1 + b * M + cols, mask=cols < M, other=float("-inf"))
     qe = tl.full((BLOCK_D,), float("-inf"), dtype=tl.float32)
+    members = 0
     for t in range(KP):
         best = tl.max(s, axis=0)
         i = tl.min(tl.where(s == best, cols, BLOCK_M), axis=0)
@@ -169,14 +183,21 @@ def _rerank_expand_kernel(Y, S1, NBR, W, WSUM, QE, M, D, stride_yb, stride_ym,
                     mask=s_ok[:, None] & d_ok[None, :], other=0.0)
         # Refined row, not re-normalized (SPEC quirk, kept).
         yr = tl.sum(w[:, None] * y, axis=0) / tl.load(WSUM + b * M + i)
+        if ADAPTIVE:  # only the flagged rows join q'
+            flag = tl.load(LIKELY + b * M + i).to(tl.int32)
+            yr = tl.where(flag != 0, yr, float("-inf"))
+            members += flag
         # Elementwise max over the K' best refined rows; q is not part of q' (SPEC quirk, kept).
         qe = tl.maximum(qe, yr)
+    if ADAPTIVE:  # no row: q' = 0 (never -inf into Y q'), and the final kernel takes s2 = s1
+        qe = tl.where(members > 0, qe, 0.0)
+        tl.store(HAS + b, (members > 0).to(tl.int8), mask=tl.program_id(1) == 0)
     tl.store(QE + b * D + offs_d, qe, mask=d_ok)
 
 
 @triton.jit
-def _rerank_final_kernel(S1, BV, NBR, W, WSUM, F, M,
-                         KP: tl.constexpr, KP_PAD: tl.constexpr, BLOCK_R: tl.constexpr):
+def _rerank_final_kernel(S1, BV, NBR, W, WSUM, F, HAS, M,
+                         KP: tl.constexpr, KP_PAD: tl.constexpr, BLOCK_R: tl.constexpr, ADAPTIVE: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     slots = tl.arange(0, KP_PAD)
@@ -188,6 +209,8 @@ def _rerank_final_kernel(S1, BV, NBR, W, WSUM, F, M,
     bv = tl.load(BV + b * M + n, mask=s_ok, other=0.0)
     s2 = tl.sum(w * bv, axis=1) / tl.load(WSUM + b * M + rows, mask=r_ok, other=1.0)
     s1 = tl.load(S1 + b * M + rows, mask=r_ok, other=0.0)
+    if ADAPTIVE:
+        s2 = tl.where(tl.load(HAS + b) != 0, s2, s1)
     tl.store(F + b * M + rows, (s1 + s2) / 2, mask=r_ok)
 
 
@@ -245,15 +268,15 @@ GRAM = "auto"
 
 
 @torch.no_grad()
-def rerank_triton(q: torch.Tensor, Y: torch.Tensor, K: int = 9, beta: float = 0.15, precision: str = "fp32"
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def rerank_triton(q: torch.Tensor, Y: torch.Tensor, K: int = 9, beta: float = 0.15, precision: str = "fp32",
+                  adaptive: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """SuperGlobal rerank of given candidates on the GPU (SPEC 6 steps 2-8).
 
     q: [nq, D] float32; Y: [nq, M', D] float32, each query's candidates in first-stage order,
     on one CUDA device (CPU under TRITON_INTERPRET=1). K >= 0 (K' = min(K + 1, M')), beta finite.
     precision: arithmetic of the Gram only. "fp32" (default, the fidelity mode: IEEE products,
     TF32 off whatever the process flags say), or opt-in "tf32", "fp16", "bf16" (inputs rounded,
-    float32 accumulation and float32 G). Everything after the Gram is float32.
+    float32 accumulation and float32 G). Everything after the Gram is float32. adaptive: the adaptive mode (docs/adaptive_rerank.md).
     The Gram is cuBLAS bmm for fp32/tf32 and `_rerank_gram_kernel` (half the FLOPs via symmetry)
     for fp16/bf16 (module constant GRAM overrides it).
     Returns (order [nq, M'] int64 into Y's candidate axis, best first; scores [nq, M'] float32,
@@ -293,16 +316,19 @@ def rerank_triton(q: torch.Tensor, Y: torch.Tensor, K: int = 9, beta: float = 0.
     w = torch.empty(nq, M, Kp, device=dev, dtype=torch.float32)
     wsum = torch.empty(nq, M, device=dev, dtype=torch.float32)
     s1 = torch.empty(nq, M, device=dev, dtype=torch.float32)
+    # Adaptive mode: per row, whether it may join q'; per query, whether any did.
+    likely = torch.empty(nq, M if adaptive else 1, device=dev, dtype=torch.int8)
+    has = torch.empty(nq, device=dev, dtype=torch.int8)
     _rerank_neighbors_kernel[(nq, triton.cdiv(M, cfg["nb_rows"]))](
-        G, a, nbr, w, wsum, s1, M, G.stride(0), G.stride(1), beta,
+        G, a, nbr, w, wsum, s1, likely, M, G.stride(0), G.stride(1), beta,
         KP=Kp, KP_PAD=cfg["kp_pad"], BLOCK_R=cfg["nb_rows"], BLOCK_M=cfg["block_m"],
-        num_warps=cfg["nb_warps"])
+        ADAPTIVE=adaptive, LIKELY_SLOT=min(ADAPTIVE_RANK, Kp - 1), num_warps=cfg["nb_warps"])
     del G
 
     qe = torch.empty(nq, D, device=dev, dtype=torch.float32)
     _rerank_expand_kernel[(nq, triton.cdiv(D, cfg["ex_d"]))](
-        Y, s1, nbr, w, wsum, qe, M, D, Y.stride(0), Y.stride(1),
-        KP=Kp, KP_PAD=cfg["kp_pad"], BLOCK_M=cfg["block_m"], BLOCK_D=cfg["ex_d"])
+        Y, s1, nbr, w, wsum, qe, likely, has, M, D, Y.stride(0), Y.stride(1),
+        KP=Kp, KP_PAD=cfg["kp_pad"], BLOCK_M=cfg["block_m"], BLOCK_D=cfg["ex_d"], ADAPTIVE=adaptive)
 
     bv = torch.empty(nq, M, device=dev, dtype=torch.float32)
     _rerank_rowdot_kernel[rd_grid](Y, qe, bv, M, D, Y.stride(0), Y.stride(1),
@@ -310,7 +336,7 @@ def rerank_triton(q: torch.Tensor, Y: torch.Tensor, K: int = 9, beta: float = 0.
 
     f = torch.empty(nq, M, device=dev, dtype=torch.float32)
     _rerank_final_kernel[(nq, triton.cdiv(M, cfg["fin_rows"]))](
-        s1, bv, nbr, w, wsum, f, M, KP=Kp, KP_PAD=cfg["kp_pad"], BLOCK_R=cfg["fin_rows"])
+        s1, bv, nbr, w, wsum, f, has, M, KP=Kp, KP_PAD=cfg["kp_pad"], BLOCK_R=cfg["fin_rows"], ADAPTIVE=adaptive)
 
     scores, order = torch.sort(f, dim=1, descending=True, stable=True)
     return order, scores

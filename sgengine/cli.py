@@ -125,7 +125,8 @@ def _cmd_search(a) -> int:
     engine = Engine.load(a.bundle, index=a.index, device=a.device, backend=a.backend, threads=a.threads,
                          precision=a.precision, ann=a.ann, ann_params=_ann_params(a), ann_candidates=a.ann_candidates)
     queries = a.queries
-    res = engine.search(queries if len(queries) > 1 else queries[0], k=a.k, rerank=not a.no_rerank,
+    res = engine.search(queries if len(queries) > 1 else queries[0], k=a.k,
+                        rerank=False if a.no_rerank else "adaptive" if a.adaptive else True,
                         M=a.M, K=a.K, beta=a.beta)
     if a.json:
         out = {"queries": [{"query": q, "results": [{"id": i, "score": float(s)} for i, s in zip(res.ids[n], res.scores[n])]}
@@ -221,7 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("index")
     s.add_argument("queries", nargs="+", help="query image file(s)")
     s.add_argument("-k", type=int, default=10, help="results per query (default 10)")
-    s.add_argument("--no-rerank", action="store_true", help="first-stage (global) ranking only")
+    rr = s.add_mutually_exclusive_group()
+    rr.add_argument("--no-rerank", action="store_true", help="first-stage (global) ranking only")
+    rr.add_argument("--adaptive", action="store_true",
+                    help="adaptive rerank: only neighbours likely to match take part (docs/adaptive_rerank.md); "
+                    "for small groups of matching images")
     s.add_argument("--M", type=int, default=None, help="candidates reranked (default: bundle's, 400)")
     s.add_argument("--K", type=int, default=None, help="neighbours per refined descriptor (default 9)")
     s.add_argument("--beta", type=float, default=None, help="neighbour weight (default 0.15)")

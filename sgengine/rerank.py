@@ -1,7 +1,13 @@
 """The rerank stage: SuperGlobal reranking (SPEC 6), its reference, its checks and its dispatch.
 
-    rerank_candidates(q [nq, D], Y [nq, M', D], K, beta, impl="auto") -> (order [nq, M'], scores [nq, M'])
-    superglobal_rerank(queries, database, *, M, K, beta, k, impl="auto") -> (ids [nq, k], scores [nq, k])
+    rerank_candidates(q [nq, D], Y [nq, M', D], K, beta, impl="auto", mode="faithful") -> (order [nq, M'], scores [nq, M'])
+    superglobal_rerank(queries, database, *, M, K, beta, k, impl="auto", mode="faithful") -> (ids [nq, k], scores [nq, k])
+
+Modes (`MODES`): "faithful" is SPEC 6 exactly, the default. "adaptive" (docs/adaptive_rerank.md)
+lets a neighbour into a candidate's refined descriptor only when it is at least as similar to the
+candidate as the query is, and a candidate into the expansion only when the query ranks among its
+`ADAPTIVE_RANK` nearest other candidates; with neither, a candidate keeps its first-stage score.
+Every implementation runs both (`adaptive=` on the functions below).
 
 Implementations (`IMPLS`; the same names in `Engine.describe()`, the benchmark providers and the
 functions), all with the contract of `rerank_reference`:
@@ -38,6 +44,10 @@ from .errors import BackendUnavailableError, InputError
 
 __all__ = [
     "IMPLS",
+    "MODES",
+    "ADAPTIVE_RANK",
+    "check_mode",
+    "rerank_setting",
     "resolve_impl",
     "rerank_candidates",
     "rerank_reference",
@@ -52,6 +62,29 @@ __all__ = [
 _WORK_BYTES = 256 << 20
 
 
+MODES = ("faithful", "adaptive")
+# Adaptive mode: a candidate y_j is "likely relevant" (may join the expansion) when the query is at
+# least as similar to it as its ADAPTIVE_RANK-th nearest other candidate: q . y_j >= G[j, n_jr] with
+# r = min(ADAPTIVE_RANK, K' - 1) (slot 0 is the row itself). Derived and measured in
+# docs/adaptive_rerank.md.
+ADAPTIVE_RANK = 2
+
+
+def check_mode(mode) -> bool:
+    """True for "adaptive", False for "faithful"; InputError naming the allowed modes otherwise."""
+    return check_choice(mode, "rerank mode", MODES) == "adaptive"
+
+
+def rerank_setting(value) -> tuple[bool, bool]:
+    """A search's `rerank=` as (rerank, adaptive): True or "faithful" -> (True, False), "adaptive"
+    -> (True, True), False -> (False, False); InputError for anything else."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value), False
+    if isinstance(value, str) and value in MODES:
+        return True, value == "adaptive"
+    raise InputError(f"rerank must be True or False, or a mode in {MODES}, got {value!r}")
+
+
 def _query_chunk(M: int, D: int, budget: int = _WORK_BYTES) -> int:
     per_query = 4 * (M * M + 3 * M * D)
     return max(1, budget // per_query)
@@ -59,11 +92,11 @@ def _query_chunk(M: int, D: int, budget: int = _WORK_BYTES) -> int:
 
 # ----------------------------------------------------------------------------- reference
 @torch.no_grad()
-def rerank_reference(q: torch.Tensor, Y: torch.Tensor, K: int = 9, beta: float = 0.15
+def rerank_reference(q: torch.Tensor, Y: torch.Tensor, K: int = 9, beta: float = 0.15, adaptive: bool = False
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SPEC 6 steps 2-8 in plain PyTorch. q [nq, D] f32, Y [nq, M', D] f32 (candidates in
-    first-stage order) -> (order [nq, M'] int64, scores [nq, M'] f32). Trusts its inputs:
-    `rerank_candidates` checks them once."""
+    """SPEC 6 steps 2-8 in plain PyTorch (adaptive: the mode of docs/adaptive_rerank.md). q [nq, D]
+    f32, Y [nq, M', D] f32 (candidates in first-stage order) -> (order [nq, M'] int64, scores
+    [nq, M'] f32). Trusts its inputs: `rerank_candidates` checks them once."""
     nq, M, D = Y.shape
     Kp = min(K + 1, M)  # K' = min(K + 1, M')
     order = torch.empty(nq, M, dtype=torch.int64, device=Y.device)
@@ -71,11 +104,11 @@ def rerank_reference(q: torch.Tensor, Y: torch.Tensor, K: int = 9, beta: float =
     step = _query_chunk(M, D)
     with ieee_if_cuda(Y):  # float32 products: no TF32, whatever the process flags
         for a in range(0, nq, step):
-            _reference_chunk(q[a:a + step], Y[a:a + step], Kp, beta, order[a:a + step], scores[a:a + step])
+            _reference_chunk(q[a:a + step], Y[a:a + step], Kp, beta, adaptive, order[a:a + step], scores[a:a + step])
     return order, scores
 
 
-def _reference_chunk(qb: torch.Tensor, Yb: torch.Tensor, Kp: int, beta: float, order: torch.Tensor,
+def _reference_chunk(qb: torch.Tensor, Yb: torch.Tensor, Kp: int, beta: float, adaptive: bool, order: torch.Tensor,
                      scores: torch.Tensor) -> None:
     b = Yb.shape[0]
     batch = torch.arange(b, device=Yb.device)[:, None]
@@ -86,6 +119,10 @@ def _reference_chunk(qb: torch.Tensor, Yb: torch.Tensor, Kp: int, beta: float, o
     v, n = torch.topk(G, Kp, dim=2, largest=True, sorted=True)  # [b, M, K']
     w = beta * v
     w[..., 0] = 1.0
+    if adaptive:
+        # First-stage scores d_i = q . y_i; a neighbour counts only when G[i, n] >= d_i.
+        d = torch.bmm(Yb, qb[:, :, None]).squeeze(2)  # [b, M]
+        w[..., 1:] = torch.where(v[..., 1:] >= d[:, :, None], w[..., 1:], 0.0)
     # 4. Weighted mean of the neighbours. Not re-normalized (SPEC quirk, kept).
     Yr = torch.zeros_like(Yb)
     for j in range(Kp):  # loop over neighbour slots (K' <= K+1), not over queries
@@ -96,9 +133,18 @@ def _reference_chunk(qb: torch.Tensor, Yb: torch.Tensor, Kp: int, beta: float, o
     # 6. Expansion: elementwise max of the K' best refined rows by s1. q itself is not part
     # of it, and it is not normalized (SPEC quirks, kept).
     o = torch.argsort(s1, dim=1, descending=True)[:, :Kp]
-    qe = Yr[batch, o].amax(dim=1)  # [b, D]
-    # 7. Second score.
-    s2 = torch.bmm(Yr, qe[:, :, None]).squeeze(2)
+    if not adaptive:
+        qe = Yr[batch, o].amax(dim=1)  # [b, D]
+        # 7. Second score.
+        s2 = torch.bmm(Yr, qe[:, :, None]).squeeze(2)
+    else:
+        # Only the likely relevant among the K' best; none at all: s2 = s1.
+        likely = d >= v[..., min(ADAPTIVE_RANK, Kp - 1)]  # [b, M]
+        member = torch.gather(likely, 1, o)  # [b, K']
+        qe = Yr[batch, o].masked_fill(~member[:, :, None], float("-inf")).amax(dim=1)
+        has = member.any(dim=1)
+        qe = torch.where(has[:, None], qe, 0.0)
+        s2 = torch.where(has[:, None], torch.bmm(Yr, qe[:, :, None]).squeeze(2), s1)
     # 8. Final score and order.
     f = (s1 + s2) / 2
     fs, idx = torch.sort(f, dim=1, descending=True)
@@ -107,9 +153,10 @@ def _reference_chunk(qb: torch.Tensor, Yb: torch.Tensor, Kp: int, beta: float, o
 
 # ----------------------------------------------------------------------------- loop chain
 @torch.no_grad()
-def rerank_loop_chain(q, Y, K: int = 9, beta: float = 0.15, *, dtype: torch.dtype = torch.float64
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SPEC 6 transcribed one query at a time with full sorts, computed in `dtype`.
+def rerank_loop_chain(q, Y, K: int = 9, beta: float = 0.15, *, dtype: torch.dtype = torch.float64,
+                      adaptive: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """SPEC 6 transcribed one query at a time with full sorts, computed in `dtype` (adaptive: the
+    mode of docs/adaptive_rerank.md, transcribed from its prose).
 
     The yardstick for tests (float64) and the "chain" the benchmark times: what a straight
     port of the reference does, query by query, sorting every Gram row in full. Same contract
@@ -127,38 +174,50 @@ def rerank_loop_chain(q, Y, K: int = 9, beta: float = 0.15, *, dtype: torch.dtyp
         G = y @ y.T
         ranks = torch.argsort(G, dim=1, descending=True)  # full sort of every row
         nbr = ranks[:, :Kp]
-        w = beta * torch.gather(G, 1, nbr)
+        vals = torch.gather(G, 1, nbr)
+        w = beta * vals
         w[:, 0] = 1.0  # slot 0 assumed to be the row itself
+        d = y @ qi
+        if adaptive:  # a neighbour less similar to its row than the query is weighs 0
+            w[:, 1:] = torch.where(vals[:, 1:] < d[:, None], 0.0, w[:, 1:])
         yr = torch.zeros_like(y)
         for j in range(Kp):
             yr += w[:, j:j + 1] * y[nbr[:, j]]
         yr /= w.sum(dim=1, keepdim=True)  # not re-normalized
         s1 = yr @ qi
         top = torch.argsort(s1, descending=True)[:Kp]
-        qe = yr[top].max(dim=0).values  # elementwise max, q excluded, not normalized
-        f = (s1 + yr @ qe) / 2
+        if adaptive:
+            r = min(ADAPTIVE_RANK, Kp - 1)
+            top = [int(t) for t in top if d[t] >= vals[t, r]]  # the likely relevant only
+        if len(top):
+            qe = yr[top].max(dim=0).values  # elementwise max, q excluded, not normalized
+            s2 = yr @ qe
+        else:
+            s2 = s1
+        f = (s1 + s2) / 2
         o = torch.argsort(f, descending=True)
         order[i], scores[i] = o, f[o]
     return order, scores
 
 
 # ----------------------------------------------------------------------------- dispatch
-RerankFn = Callable[[torch.Tensor, torch.Tensor, int, float], "tuple[torch.Tensor, torch.Tensor]"]
+# Every implementation: fn(q, Y, K, beta, adaptive=False) -> (order, scores).
+RerankFn = Callable[..., "tuple[torch.Tensor, torch.Tensor]"]
 
 
-def _cpu_fp32(q, Y, K, beta):
+def _cpu_fp32(q, Y, K, beta, adaptive=False):
     from .kernels.rerank_cpu import rerank_cpu_fp32
-    return rerank_cpu_fp32(q, Y, K, beta)
+    return rerank_cpu_fp32(q, Y, K, beta, adaptive)
 
 
-def _cpu_bf16(q, Y, K, beta):
+def _cpu_bf16(q, Y, K, beta, adaptive=False):
     from .kernels.rerank_cpu import rerank_cpu_bf16
-    return rerank_cpu_bf16(q, Y, K, beta)
+    return rerank_cpu_bf16(q, Y, K, beta, adaptive)
 
 
-def _triton(q, Y, K, beta):
+def _triton(q, Y, K, beta, adaptive=False):
     from .kernels.rerank_triton import rerank_triton
-    return rerank_triton(q, Y, K, beta)
+    return rerank_triton(q, Y, K, beta, adaptive=adaptive)
 
 
 IMPLS: dict[str, RerankFn] = {
@@ -224,12 +283,13 @@ def check_reranked(scores: torch.Tensor, what: str) -> None:
 
 @torch.no_grad()
 def rerank_candidates(q: torch.Tensor, Y: torch.Tensor, K: int = 9, beta: float = 0.15,
-                      impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                      impl: str = "auto", mode: str = "faithful") -> tuple[torch.Tensor, torch.Tensor]:
     """SuperGlobal rerank of given candidates (SPEC 6 steps 2-8).
 
     q: [nq, D] query descriptors; Y: [nq, M', D] each query's candidates in first-stage order
     (floating; computed in float32, on Y's device). K >= 0 neighbours (K' = min(K + 1, M')),
-    beta: neighbour weight. impl: "auto" or a name in IMPLS (see `resolve_impl`).
+    beta: neighbour weight. impl: "auto" or a name in IMPLS (see `resolve_impl`). mode:
+    "faithful" (SPEC 6) or "adaptive" (docs/adaptive_rerank.md).
     Returns (order [nq, M'] int64 into Y's candidate axis, best first; scores [nq, M'] float32
     final scores f in that order). Equal scores come in unspecified order (SPEC 6, ties).
     """
@@ -241,6 +301,7 @@ def rerank_candidates(q: torch.Tensor, Y: torch.Tensor, K: int = 9, beta: float 
         raise InputError("Y has no candidates (M' = 0)")
     K = check_int(K, "K", 0)
     beta = check_real(beta, "beta")
+    adaptive = check_mode(mode)
     nq, M = Y.shape[0], Y.shape[1]
     fn = IMPLS[resolve_impl(impl, Y.device, M)]
     if nq == 0:
@@ -250,7 +311,7 @@ def rerank_candidates(q: torch.Tensor, Y: torch.Tensor, K: int = 9, beta: float 
     Y = Y.to(torch.float32).contiguous()
     if not bool(torch.isfinite(q).all()):
         raise InputError("q (queries) contain NaN or inf: descriptors must be finite")
-    order, scores = fn(q, Y, K, beta)
+    order, scores = fn(q, Y, K, beta, adaptive)
     check_reranked(scores, "Y (candidate descriptors)")
     return order, scores
 
@@ -269,13 +330,13 @@ def merge_reranked(rows: torch.Tensor, first_scores: torch.Tensor, m: int, order
 # ----------------------------------------------------------------------------- full search
 @torch.no_grad()
 def superglobal_rerank(queries, database, *, M: int = 400, K: int = 9, beta: float = 0.15,
-                       k: int | None = None, impl: str = "auto"):
+                       k: int | None = None, impl: str = "auto", mode: str = "faithful"):
     """First-stage exact top-M' by q.X, SuperGlobal rerank, final ranking (SPEC 5-6).
 
     queries: [nq, D] numpy array or tensor; database: [N, D] numpy array (memmap used in place)
     or tensor, float32 or float16; computed in float32 on the queries' device. Numpy queries
     give numpy outputs, tensor queries give tensors (on the queries' device).
-    M >= 1 candidates (M' = min(M, N)), K >= 0, beta finite, impl as in `rerank_candidates`.
+    M >= 1 candidates (M' = min(M, N)), K >= 0, beta finite, impl and mode as in `rerank_candidates`.
     k: how many to return, 1 <= k <= N; None returns all N.
     Returns (ids [nq, k] int64 database rows, scores [nq, k] float32): the M' reranked
     candidates in final order with their final scores f = (s1 + s2) / 2, then every item
@@ -296,6 +357,7 @@ def superglobal_rerank(queries, database, *, M: int = 400, K: int = 9, beta: flo
     M = check_int(M, "M", 1)
     K = check_int(K, "K", 0)
     beta = check_real(beta, "beta")
+    adaptive = check_mode(mode)
     if k is not None:
         k = check_int(k, "k", 1)
         if k > N:
@@ -326,7 +388,7 @@ def superglobal_rerank(queries, database, *, M: int = 400, K: int = 9, beta: flo
     # queries moves just these rows.
     top = rows[:, :Mp]
     Y = db.index_select(0, top.reshape(-1).to(db.device)).to(device=device, dtype=torch.float32).view(nq, Mp, D)
-    order, f = fn(q.contiguous(), Y, K, beta)
+    order, f = fn(q.contiguous(), Y, K, beta, adaptive)
     check_reranked(f, "database rows among the candidates")
     ids, scores = merge_reranked(rows, first_s, Mp, order, f)
     return out(ids[:, :kk].to(torch.int64), scores[:, :kk].to(torch.float32))

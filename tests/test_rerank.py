@@ -8,6 +8,11 @@ float32 orders may legitimately swap items whose true scores are closer than tha
 
 Data are unit vectors clustered around a few centres, so that neighbourhoods (and therefore
 the refinement and the expansion) matter. Seeds are fresh each run and printed in failures.
+
+The adaptive mode (docs/adaptive_rerank.md) gets the same tests against the chain's transcription
+of its prose (`rerank_loop_chain(adaptive=True)`); its two comparisons with the first-stage score
+(a neighbour's Gram value against d_i, d_j against a Gram value) are decisions like the top-K'
+cut, so a query with one of them within float32 rounding is ill-posed in the same sense.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import torch
 
 from sgengine.compare import assert_rankings_agree, rankings_agree
 from sgengine.errors import BackendUnavailableError, InputError
-from sgengine.rerank import (rerank_candidates, rerank_reference, rerank_loop_chain,
+from sgengine.rerank import (ADAPTIVE_RANK, rerank_candidates, rerank_reference, rerank_loop_chain,
                              superglobal_rerank)
 
 ATOL = 1e-7  # float32 rounding of O(1) scores, on top of the measured plain error
@@ -51,25 +56,33 @@ def candidates(queries: np.ndarray, db: np.ndarray, M: int) -> tuple[torch.Tenso
     return torch.from_numpy(queries), torch.from_numpy(db[top])
 
 
-def ill_posed_expansion(q: torch.Tensor, Y: torch.Tensor, K: int, beta: float, gap: float = 1e-5) -> np.ndarray:
+def ill_posed_expansion(q: torch.Tensor, Y: torch.Tensor, K: int, beta: float, gap: float = 1e-5,
+                        adaptive: bool = False, decision_gap: float = 2e-6) -> np.ndarray:
     """Per query: whether the expansion q' hinges on rounding (float64 check).
 
     When a candidate just outside the K' best by s1 is within `gap` of the K'-th and its refined
     row differs from those near the cut, rounding decides which rows form q', and every s2
     then legitimately differs between two float32 paths: such a query is ill-posed, not wrong.
     Exact duplicates at the cut are harmless (their refined rows are equal), so they count as
-    well-posed.
+    well-posed. adaptive: the adaptive mode, whose comparisons of Gram values with first-stage
+    scores within `decision_gap` make a query ill-posed too.
     """
     Yd, qd = Y.double(), q.double()
     nq, M, _ = Y.shape
     Kp = min(K + 1, M)
     out = np.zeros(nq, bool)
-    if M <= Kp:
-        return out
     G = Yd @ Yd.transpose(1, 2)
     v, n = torch.topk(G, Kp, dim=2)
     w = beta * v
     w[..., 0] = 1
+    if adaptive:
+        d = torch.einsum("bmd,bd->bm", Yd, qd)
+        near = ((v[..., 1:] - d[:, :, None]).abs() < decision_gap).flatten(1).any(1)
+        near |= ((d - v[..., min(ADAPTIVE_RANK, Kp - 1)]).abs() < decision_gap).any(1)
+        out |= near.numpy()
+        w[..., 1:] = torch.where(v[..., 1:] < d[:, :, None], 0.0, w[..., 1:])
+    if M <= Kp:
+        return out
     batch = torch.arange(nq)[:, None]
     Yr = sum(w[..., j:j + 1] * Yd[batch, n[..., j]] for j in range(Kp)) / w.sum(2, keepdim=True)
     s1 = torch.einsum("bmd,bd->bm", Yr, qd)
@@ -84,25 +97,26 @@ def ill_posed_expansion(q: torch.Tensor, Y: torch.Tensor, K: int, beta: float, g
     return out
 
 
-def check_against_chain(q, Y, K, beta, seed, impls=("reference", "cpu_fp32", "auto")):
-    o64, s64 = rerank_loop_chain(q, Y, K, beta, dtype=torch.float64)
-    ref_o, ref_s = rerank_candidates(q, Y, K, beta, impl="reference")
-    ok_q = ~ill_posed_expansion(q, Y, K, beta)
+def check_against_chain(q, Y, K, beta, seed, impls=("reference", "cpu_fp32", "auto"), mode="faithful"):
+    adaptive = mode == "adaptive"
+    o64, s64 = rerank_loop_chain(q, Y, K, beta, dtype=torch.float64, adaptive=adaptive)
+    ref_o, ref_s = rerank_candidates(q, Y, K, beta, impl="reference", mode=mode)
+    ok_q = ~ill_posed_expansion(q, Y, K, beta, adaptive=adaptive)
     assert ok_q.mean() >= 0.9 or len(ok_q) < 10 and ok_q.sum() >= len(ok_q) - 1, \
         f"seed {seed}: too many ill-posed queries ({(~ok_q).sum()}): the data generator is off"
     # An ill-posed query's s2 legitimately differs between any two float32 paths (see above), so
     # the reference's own error is measured on the well-posed ones only.
     err_ref = float((ref_s.double() - s64).abs()[ok_q].max()) if ref_s.numel() and ok_q.any() else 0.0
     for impl in impls:
-        o, s = rerank_candidates(q, Y, K, beta, impl=impl)
+        o, s = rerank_candidates(q, Y, K, beta, impl=impl, mode=mode)
         assert o.dtype == torch.int64 and s.dtype == torch.float32 and o.shape == s.shape == Y.shape[:2]
         err = (s.double() - s64).abs()[ok_q].max().item() if s.numel() else 0.0
-        assert err <= 2 * err_ref + ATOL, f"seed {seed}, impl {impl}: error {err:.3g} vs reference's {err_ref:.3g}"
+        assert err <= 2 * err_ref + ATOL, f"seed {seed}, impl {impl}, {mode}: error {err:.3g} vs reference's {err_ref:.3g}"
         tol = 2 * (err + err_ref) + ATOL
         for i in np.flatnonzero(ok_q):
             # Complete rankings of the M' candidates: the last tie group is compared too.
             assert_rankings_agree(o64[i], s64[i], o[i], s[i], rtol=0, atol=tol, truncated=False,
-                                  context=f"seed {seed}, impl {impl}, query {i}")
+                                  context=f"seed {seed}, impl {impl}, {mode}, query {i}")
     return err_ref
 
 
@@ -184,14 +198,133 @@ def test_zero_queries():
     assert o.shape == (0, 7) and s.shape == (0, 7) and o.dtype == torch.int64 and s.dtype == torch.float32
 
 
+# ----------------------------------------------------------------------------- adaptive mode
+def _cpu_impls():
+    from sgengine.kernels.rerank_cpu import certified_available
+    return ("reference", "cpu_fp32", "auto") + (("cpu_bf16",) if certified_available() else ())
+
+
+@pytest.mark.parametrize("nq,M,D,K", [(6, 57, 96, 9), (4, 123, 64, 9), (3, 32, 40, 31), (5, 64, 48, 1), (4, 140, 32, 9)])
+def test_adaptive_candidates_match_chain(seed, nq, M, D, K):
+    queries, db = make_data(seed, nq, 3 * M, D)
+    q, Y = candidates(queries, db, M)
+    check_against_chain(q, Y, K, 0.15, seed, impls=_cpu_impls(), mode="adaptive")
+
+
+def test_adaptive_default_shape(seed):
+    queries, db = make_data(seed, 2, 1200, 2048)
+    q, Y = candidates(queries, db, 400)
+    check_against_chain(q, Y, 9, 0.15, seed, impls=_cpu_impls(), mode="adaptive")
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 10])
+def test_adaptive_k_plus_one_exceeds_m(seed, M):
+    queries, db = make_data(seed, 3, 40, 32)
+    q, Y = candidates(queries, db, M)
+    check_against_chain(q, Y, 9, 0.15, seed, impls=_cpu_impls(), mode="adaptive")
+
+
+def test_adaptive_duplicates(seed):
+    queries, base = make_data(seed, 4, 30, 48)
+    q, Y = candidates(queries, np.repeat(base, 3, axis=0), 75)
+    check_against_chain(q, Y, 9, 0.15, seed, impls=_cpu_impls(), mode="adaptive")
+
+
+def test_adaptive_differs_from_faithful(seed):
+    # The mode must change something on clustered data: some neighbour is less similar to its row
+    # than the query is (its weight goes) or some row of the K' best is not likely (it leaves q').
+    queries, db = make_data(seed, 4, 300, 64)
+    q, Y = candidates(queries, db, 100)
+    for impl in _cpu_impls():
+        _, f = rerank_candidates(q, Y, 9, 0.15, impl=impl)
+        _, a = rerank_candidates(q, Y, 9, 0.15, impl=impl, mode="adaptive")
+        assert (f - a).abs().max() > 1e-3, impl
+
+
+def test_adaptive_k0_is_the_global_ranking(seed):
+    # K = 0: no neighbour, and no row is likely (the query would have to beat the row itself), so
+    # f = s1 = d: the first-stage scores, in first-stage order.
+    queries, db = make_data(seed, 3, 200, 32)
+    q, Y = candidates(queries, db, 50)
+    d = torch.einsum("bmd,bd->bm", Y.double(), q.double())
+    for impl in _cpu_impls():
+        o, f = rerank_candidates(q, Y, 0, 0.15, impl=impl, mode="adaptive")
+        for i in range(len(q)):
+            assert_rankings_agree(torch.arange(50), d[i], o[i], f[i], rtol=0, atol=1e-6, truncated=False,
+                                  context=f"seed {seed}, {impl}, query {i}")
+
+
+def test_adaptive_no_likely_row_keeps_s1(seed):
+    # Candidates in a tight cluster that the query is far from: every row's neighbours are far more
+    # similar to it than the query is (all of them weigh), and the query ranks last among each row's
+    # neighbours (no row is likely), so there is no expansion and f = s1 of the refined rows.
+    rng = np.random.default_rng(seed)
+    D, M = 32, 60
+    c = rng.standard_normal(D)
+    Y = c + 0.3 / np.sqrt(D) * rng.standard_normal((M, D))
+    Y /= np.linalg.norm(Y, axis=1, keepdims=True)
+    qv = rng.standard_normal(D) - 0.9 * c / np.linalg.norm(c) * np.sqrt(D)
+    qv /= np.linalg.norm(qv)
+    q, Yt = torch.from_numpy(qv[None].astype(np.float32)), torch.from_numpy(Y[None].astype(np.float32))
+    G = Yt[0].double() @ Yt[0].double().T
+    v, n = torch.topk(G, 10, dim=1)
+    d = Yt[0].double() @ q[0].double()
+    assert (d < v[:, ADAPTIVE_RANK]).all() and (v[:, 1:] >= d[:, None]).all(), "the construction is off"
+    w = 0.15 * v
+    w[:, 0] = 1
+    s1 = (w * d[n]).sum(1) / w.sum(1)
+    o64 = torch.argsort(s1, descending=True)
+    for impl in _cpu_impls():
+        o, f = rerank_candidates(q, Yt, 9, 0.15, impl=impl, mode="adaptive")
+        assert_rankings_agree(o64, s1[o64], o[0], f[0], rtol=0, atol=1e-6, truncated=False,
+                              context=f"seed {seed}, {impl}")
+        _, ff = rerank_candidates(q, Yt, 9, 0.15, impl=impl)
+        assert (ff[0] - f[0]).abs().max() > 1e-2, "the faithful expansion must differ here"
+
+
+@pytest.mark.parametrize("impl", ["cpu_fp32", "cpu_bf16", "reference"])
+def test_adaptive_search_matches_chain(seed, impl):
+    if impl == "cpu_bf16":
+        from sgengine.kernels.rerank_cpu import certified_available
+        if not certified_available():
+            pytest.skip("the certified path needs its C++ kernel and AVX512_BF16")
+    queries, db = make_data(seed, 5, 150, 40)
+    ids, sc = superglobal_rerank(queries, db, M=40, K=9, beta=0.15, k=60, impl=impl, mode="adaptive")
+    ref_ids, ref_sc = chain_search(queries, db, 40, 9, 0.15, adaptive=True)
+    top = np.argsort(-(queries.astype(np.float64) @ db.astype(np.float64).T), axis=1, kind="stable")[:, :40]
+    ok = ~ill_posed_expansion(torch.from_numpy(queries), torch.from_numpy(db[top]), 9, 0.15, adaptive=True)
+    for i in np.flatnonzero(ok):
+        assert_rankings_agree(ref_ids[i, :40], ref_sc[i, :40], ids[i, :40], sc[i, :40], rtol=0, atol=4e-6,
+                              truncated=False, context=f"seed {seed}, query {i}, reranked part")
+        assert (ids[i, 40:] == ref_ids[i, 40:60]).all()
+
+
+def test_mode_errors(small):
+    queries, db = small
+    with pytest.raises(InputError, match=r"rerank mode must be one of \('faithful', 'adaptive'\), got 'auto'"):
+        superglobal_rerank(queries, db, mode="auto")
+    with pytest.raises(InputError, match=r"rerank mode must be one of"):
+        rerank_candidates(torch.from_numpy(queries), torch.from_numpy(db[None, :5].repeat(2, 0)), mode=None)
+
+
+def test_rerank_setting():
+    from sgengine.rerank import rerank_setting
+    assert rerank_setting(True) == (True, False) and rerank_setting(False) == (False, False)
+    assert rerank_setting("faithful") == (True, False) and rerank_setting("adaptive") == (True, True)
+    assert rerank_setting(np.bool_(True)) == (True, False)
+    for bad in ("yes", 1, None, "Adaptive"):
+        with pytest.raises(InputError, match=r"rerank must be True or False, or a mode in \('faithful', 'adaptive'\)"):
+            rerank_setting(bad)
+
+
 # ----------------------------------------------------------------------------- full search
-def chain_search(queries: np.ndarray, db: np.ndarray, M: int, K: int, beta: float):
+def chain_search(queries: np.ndarray, db: np.ndarray, M: int, K: int, beta: float, adaptive: bool = False):
     """Float64: full first-stage sort, chain rerank of the top M', the rest in first-stage order."""
     s = queries.astype(np.float64) @ db.astype(np.float64).T
     r = np.argsort(-s, axis=1, kind="stable")
     Mp = min(M, db.shape[0])
     top = r[:, :Mp]
-    o, f = rerank_loop_chain(torch.from_numpy(queries), torch.from_numpy(db[top]), K, beta)
+    o, f = rerank_loop_chain(torch.from_numpy(queries), torch.from_numpy(db[top]), K, beta, adaptive=adaptive)
     ids = np.concatenate([np.take_along_axis(top, o.numpy(), 1), r[:, Mp:]], axis=1)
     sc = np.concatenate([f.numpy(), np.take_along_axis(s, r[:, Mp:], 1)], axis=1)
     return ids, sc

@@ -335,6 +335,55 @@ def test_search_top100(seed):
     assert_rankings_agree(ref_ids, ref_sc, ids, sc, rtol=0, atol=4e-6, context=f"seed {seed}")
 
 
+# ----------------------------------------------------------------------------- adaptive mode
+@pytest.mark.parametrize("nq,M,D,K", [(2, 400, 2048, 9), (3, 257, 96, 9), (3, 200, 40, 0), (4, 11, 32, 9),
+                                      (3, 150, 64, 2)])
+def test_adaptive_rerank_matches_chain(seed, nq, M, D, K):
+    # The adaptive mode on the certified path: the C++ finish with its mask and expansion rule.
+    queries, db = make_data(seed, nq, 3 * M, D)
+    q, Y = candidates(queries, db, M)
+    check_against_chain(q, Y, K, 0.15, seed, impls=("cpu_bf16", "cpu_fp32"), mode="adaptive")
+
+
+def test_adaptive_duplicates_and_threads(seed):
+    # Exact ties everywhere (every row three times); a batch over threads equals one query at a time.
+    queries, base = make_data(seed, 4, 100, 64)
+    q, Y = candidates(queries, np.repeat(base, 3, axis=0), 240)
+    check_against_chain(q, Y, 9, 0.15, seed, impls=("cpu_bf16",), mode="adaptive")
+    o, s, _ = rc.certified_rerank(q, Y, 9, 0.15, adaptive=True)
+    for i in range(len(q)):
+        oi, si, _ = rc.certified_rerank(q[i:i + 1], Y[i:i + 1], 9, 0.15, adaptive=True)
+        assert torch.equal(o[i], oi[0]) and torch.equal(s[i], si[0]), f"seed {seed}, query {i}"
+
+
+def test_adaptive_scalar_variant_matches(seed, monkeypatch):
+    queries, db = make_data(seed, 2, 500, 100)
+    q, Y = candidates(queries, db, 250)
+    monkeypatch.setattr(rc, "ISA", "baseline")
+    o, s = rc.rerank_cpu_bf16(q, Y, 9, 0.15, adaptive=True)
+    ref_o, ref_s = rc.rerank_cpu_fp32(q, Y, 9, 0.15, adaptive=True)
+    for b in range(2):
+        assert_rankings_agree(ref_o[b], ref_s[b], o[b], s[b], rtol=0, atol=4e-6, context=f"seed {seed}, baseline")
+
+
+def test_adaptive_non_finite_rows_take_the_exact_path():
+    g = torch.Generator().manual_seed(1)
+    Y = torch.nn.functional.normalize(torch.randn(2, 300, 32, generator=g), dim=2)
+    Y[1, 5, 0] = float("inf")
+    q = torch.randn(2, 32, generator=g)
+    o, s, st = rc.certified_rerank(q, Y, 9, 0.15, adaptive=True)
+    assert st["exact_queries"] == 1
+    ref_o, ref_s = rc.rerank_cpu_fp32(q[:1], Y[:1], 9, 0.15, adaptive=True)
+    assert_rankings_agree(ref_o[0], ref_s[0], o[0], s[0], rtol=0, atol=4e-6)
+
+
+def test_likely_slot_is_checked():
+    with pytest.raises(ValueError, match=r"^certified_rerank: likely_slot must be -1 \(faithful\) or in \[0, Kp\)"):
+        _call("certified_rerank", likely_slot=5)
+    with pytest.raises(ValueError, match=r"likely_slot must be -1"):
+        _call("certified_rerank", likely_slot=-2)
+
+
 @pytest.mark.parametrize("nq", [1, 3])
 def test_non_finite_rows_take_the_exact_path(nq):
     # A query with a NaN row gets status 1 from the C++ entry and runs cpu_fp32, which reproduces the

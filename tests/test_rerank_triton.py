@@ -27,7 +27,8 @@ import torch
 
 from sgengine.compare import assert_rankings_agree
 from sgengine.errors import BackendUnavailableError, InputError
-from sgengine.rerank import rerank_candidates, rerank_reference
+from sgengine.rerank import rerank_candidates, rerank_loop_chain, rerank_reference
+from test_rerank import ill_posed_expansion
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CUDA = torch.cuda.is_available()
@@ -108,6 +109,26 @@ def check_against_spec(q, Y, K, beta, order, scores, context: str) -> None:
     err = (per_candidate(order, scores) - exact).abs().max().item()
     err_ref = (per_candidate(r_order, r_scores) - exact).abs().max().item()
     assert err <= 2 * err_ref + ATOL, f"{context}: error {err:.3g} vs float64, plain float32 reference {err_ref:.3g}"
+
+
+def check_adaptive(q, Y, K, beta, order, scores, context: str) -> None:
+    """The adaptive mode: tie-aware agreement with the float32 reference's adaptive mode and the
+    2x-error rule against the float64 chain's transcription of docs/adaptive_rerank.md, on the
+    queries whose decisions are not within rounding (see test_rerank.ill_posed_expansion)."""
+    nq, M, _ = Y.shape
+    assert order.shape == (nq, M) and scores.dtype == torch.float32, context
+    assert_valid_permutation(order, M)
+    q, Y, order, scores = q.cpu(), Y.cpu(), order.cpu(), scores.cpu()
+    r_order, r_scores = rerank_reference(q, Y, K, beta, adaptive=True)
+    c_order, c_scores = rerank_loop_chain(q, Y, K, beta, adaptive=True)
+    ok = ~ill_posed_expansion(q, Y, K, beta, adaptive=True)
+    assert ok.mean() >= 0.5, f"{context}: too many ill-posed queries, the data are off"
+    exact = per_candidate(c_order, c_scores)
+    for i in ok.nonzero()[0]:
+        assert_rankings_agree(order[i], scores[i], r_order[i], r_scores[i], truncated=False, context=f"{context} q{i}")
+        err = (per_candidate(order[i:i + 1], scores[i:i + 1]) - exact[i]).abs().max().item()
+        err_ref = (per_candidate(r_order[i:i + 1], r_scores[i:i + 1]) - exact[i]).abs().max().item()
+        assert err <= 2 * err_ref + ATOL, f"{context} q{i}: error {err:.3g}, plain float32 reference {err_ref:.3g}"
 
 
 # ----------------------------------------------------------------------------- interpreter child
@@ -208,6 +229,32 @@ def test_interp_through_dispatch():
 
 
 @interp_only
+@pytest.mark.parametrize("nq,M,D,K", INTERP_CASES)
+def test_interp_adaptive_matches_chain(nq, M, D, K):
+    from sgengine.kernels import rerank_triton
+    q, Y = random_case(nq, M, D, seed=M * 100 + K + 1)
+    order, scores = rerank_triton.rerank_triton(q, Y, K, 0.15, "fp32", adaptive=True)
+    check_adaptive(q, Y, K, 0.15, order, scores, f"adaptive nq={nq} M={M} D={D} K={K}")
+
+
+@interp_only
+def test_interp_adaptive_duplicates_and_no_expansion():
+    """Exact duplicates, and a query far from a tight cluster of candidates: no row is likely,
+    so the expansion is empty and f = s1 (the has-flag path of the final kernel)."""
+    q, Y = random_case(3, 24, 40, seed=9)
+    Y[0, 5] = Y[0, 2]
+    Y[0, 11] = Y[0, 12] = Y[0, 10]
+    g = torch.Generator().manual_seed(4)
+    c = unit(torch.randn(40, generator=g))
+    Y[1] = unit(c + 0.3 * torch.randn(24, 40, generator=g) / 40 ** 0.5)
+    q[1] = unit(torch.randn(40, generator=g) - 5.0 * c)
+    order, scores = rerank_candidates(q, Y, 9, 0.15, impl="triton", mode="adaptive")
+    check_adaptive(q, Y, 9, 0.15, order, scores, "adaptive duplicates / empty expansion")
+    _, faithful = rerank_candidates(q, Y, 9, 0.15, impl="triton")
+    assert (faithful[1] - scores[1]).abs().max() > 1e-2, "the empty expansion must change query 1's scores"
+
+
+@interp_only
 def test_interp_nq_zero():
     from sgengine.kernels import rerank_triton
     order, scores = rerank_triton.rerank_triton(torch.zeros(0, 16), torch.zeros(0, 5, 16), 9, 0.15)
@@ -268,6 +315,20 @@ def test_cuda_fp32_matches_reference(nq, M, D, K):
     q, Y = first_stage_candidates(nq, M, D, seed=M + nq)
     order, scores = rerank_triton.rerank_triton(q, Y, K, 0.15, "fp32")
     check_against_spec(q, Y, K, 0.15, order, scores, f"cuda nq={nq} M={M} D={D} K={K}")
+
+
+@cuda_only
+@pytest.mark.gpu
+@pytest.mark.parametrize("nq,M,D,K", CUDA_SHAPES[:2])
+def test_cuda_adaptive_matches_reference(nq, M, D, K):
+    from sgengine.kernels import rerank_triton
+    q, Y = first_stage_candidates(nq, M, D, seed=M + nq + 1)
+    order, scores = rerank_triton.rerank_triton(q, Y, K, 0.15, "fp32", adaptive=True)
+    r_order, r_scores = rerank_reference(q, Y, K, 0.15, adaptive=True)
+    ok = ~ill_posed_expansion(q.cpu(), Y.cpu(), K, 0.15, adaptive=True)
+    for i in ok.nonzero()[0]:
+        assert_rankings_agree(order[i].cpu(), scores[i].cpu(), r_order[i].cpu(), r_scores[i].cpu(), rtol=0,
+                              atol=1e-5, truncated=False, context=f"cuda adaptive nq={nq} M={M} q{i}")
 
 
 @cuda_only

@@ -687,6 +687,10 @@ std::vector<R> run_threads(int64_t n, int threads, Fn fn, int64_t grain) {
 // order by f descending (ties: lower position). The same float32 arithmetic as rerank_cpu_fp32's
 // torch steps, with no temporary [M', K'] tensors: those ~12 small ops cost ~0.45 ms at M' = 400,
 // about a fifth of the rerank.
+//
+// Adaptive mode (likely_slot >= 0; docs/adaptive_rerank.md): neighbour k > 0 of row i weighs 0 when
+// v[k] < d_i, and a row among the K' best by s1 joins q' only when d_j >= v_j[likely_slot]; with no
+// such row, s2 = s1.
 struct FinishJob {
   const float* v;      // [b, M, Kp]
   const int64_t* n;    // [b, M, Kp]
@@ -699,21 +703,25 @@ struct FinishJob {
   float* e;            // scratch [b, M]
   int64_t* order;      // [b, M]
   float* scores;       // [b, M]
+  uint8_t* has;        // scratch [b]: the expansion has a row (always, in the faithful mode)
   float beta;
   int64_t b, M, D, Kp;
+  int64_t likely_slot;  // -1: faithful; else the adaptive mode's slot
 };
 
 // Weights, s1, and q' for query q.
 void finish_expand(const FinishJob& jb, int64_t q, std::vector<std::pair<float, int32_t>>& tmp) {
   const int64_t M = jb.M, Kp = jb.Kp, D = jb.D;
+  const bool adaptive = jb.likely_slot >= 0;
   const float* yq = jb.y + q * M * D;
   for (int64_t i = q * M; i < (q + 1) * M; ++i) {
     float* w = jb.w + i * Kp;
     const float* v = jb.v + i * Kp;
     const int64_t* n = jb.n + i * Kp;
+    const float di = jb.d[i];
     float ws = 0.0f, s = 0.0f;
     for (int64_t k = 0; k < Kp; ++k) {
-      w[k] = k == 0 ? 1.0f : v[k] * jb.beta;
+      w[k] = k == 0 ? 1.0f : (adaptive && v[k] < di ? 0.0f : v[k] * jb.beta);
       ws += w[k];
       s += w[k] * jb.d[q * M + n[k]];
     }
@@ -729,8 +737,10 @@ void finish_expand(const FinishJob& jb, int64_t q, std::vector<std::pair<float, 
   std::partial_sort(tmp.begin(), tmp.begin() + Kp, tmp.end(), desc);
   float* qe = jb.qe + q * D;
   std::vector<float> acc(static_cast<size_t>(D));
+  int64_t members = 0;
   for (int64_t t = 0; t < Kp; ++t) {
     const int64_t i = q * M + tmp[t].second;
+    if (adaptive && !(jb.d[i] >= jb.v[i * Kp + jb.likely_slot])) continue;
     std::fill(acc.begin(), acc.end(), 0.0f);
     for (int64_t k = 0; k < Kp; ++k) {
       const float wk = jb.w[i * Kp + k];
@@ -740,9 +750,12 @@ void finish_expand(const FinishJob& jb, int64_t q, std::vector<std::pair<float, 
     const float ws = jb.wsum[i];
     for (int64_t x = 0; x < D; ++x) {
       const float r = acc[x] / ws;
-      qe[x] = t == 0 ? r : std::max(qe[x], r);
+      qe[x] = members == 0 ? r : std::max(qe[x], r);
     }
+    ++members;
   }
+  jb.has[q] = members > 0;
+  if (!members) std::fill(qe, qe + D, 0.0f);
 }
 
 // s2, f and the order for query q (e filled).
@@ -754,7 +767,8 @@ void finish_order(const FinishJob& jb, int64_t q, std::vector<std::pair<float, i
     const int64_t* n = jb.n + i * Kp;
     float s = 0.0f;
     for (int64_t k = 0; k < Kp; ++k) s += w[k] * jb.e[q * M + n[k]];
-    tmp[i - q * M] = {(jb.s1[i] + s / jb.wsum[i]) * 0.5f, static_cast<int32_t>(i - q * M)};
+    const float s2 = jb.has[q] ? s / jb.wsum[i] : jb.s1[i];
+    tmp[i - q * M] = {(jb.s1[i] + s2) * 0.5f, static_cast<int32_t>(i - q * M)};
   }
   std::sort(tmp.begin(), tmp.end(), [](const std::pair<float, int32_t>& x, const std::pair<float, int32_t>& y) {
     return x.first > y.first || (x.first == y.first && x.second < y.second);
@@ -768,7 +782,9 @@ void finish_order(const FinishJob& jb, int64_t q, std::vector<std::pair<float, i
 // Scratch of finish for b queries (kept by the batch path between queries).
 struct FinishScratch {
   std::vector<float> w, wsum, s1, qe, e;
+  std::vector<uint8_t> has;
   void size(int64_t b, int64_t M, int64_t D, int64_t Kp) {
+    has.resize(static_cast<size_t>(b));
     w.resize(static_cast<size_t>(b * M * Kp));
     wsum.resize(static_cast<size_t>(b * M));
     s1.resize(static_cast<size_t>(b * M));
@@ -778,11 +794,11 @@ struct FinishScratch {
 };
 
 void finish_impl(const float* v, const int64_t* n, const float* d, const float* y, int64_t b, int64_t M, int64_t D,
-                 int64_t Kp, double beta, int64_t* order, float* scores, int threads, const Kernels& kn,
-                 FinishScratch& fs) {
+                 int64_t Kp, double beta, int64_t likely_slot, int64_t* order, float* scores, int threads,
+                 const Kernels& kn, FinishScratch& fs) {
   fs.size(b, M, D, Kp);
   FinishJob jb{v, n, d, y, fs.w.data(), fs.wsum.data(), fs.s1.data(), fs.qe.data(), fs.e.data(), order, scores,
-               static_cast<float>(beta), b, M, D, Kp};
+               fs.has.data(), static_cast<float>(beta), b, M, D, Kp, likely_slot};
   run_threads<int>(b, threads, [&](int64_t s, int64_t t) {
     std::vector<std::pair<float, int32_t>> tmp;
     for (int64_t q = s; q < t; ++q) finish_expand(jb, q, tmp);
@@ -988,11 +1004,12 @@ bool neighbours_one(const float* y, const float* q, float* c, const Setup& st, c
 }
 
 // The whole rerank of one query into order, scores [M]. False (nothing written) as above.
-bool rerank_one(const float* y, const float* q, double beta, const Setup& st, const Kernels& kn, int threads,
-                QueryWork& w, int64_t* order, float* scores, Stats& stats) {
+bool rerank_one(const float* y, const float* q, double beta, int64_t likely_slot, const Setup& st, const Kernels& kn,
+                int threads, QueryWork& w, int64_t* order, float* scores, Stats& stats) {
   float c = 0.0f;
   if (!neighbours_one(y, q, &c, st, kn, threads, w, w.v.data(), w.n.data(), stats)) return false;
-  finish_impl(w.v.data(), w.n.data(), w.d.data(), y, 1, st.M, st.D, st.Kp, beta, order, scores, threads, kn, w.fs);
+  finish_impl(w.v.data(), w.n.data(), w.d.data(), y, 1, st.M, st.D, st.Kp, beta, likely_slot, order, scores, threads,
+              kn, w.fs);
   return true;
 }
 
@@ -1079,12 +1096,15 @@ std::string bad_rows_message(int64_t k) {
 // has just read are slow: then the row split took ~185 ms for 70 queries at M' = 400, the query
 // split still ~130 ms).
 py::tuple certified_rerank(const py::array& Y_in, const py::array& q_in, int64_t Kp, double beta, double safety,
-                           double out_rel, int64_t cap, int threads, const std::string& isa) {
+                           double out_rel, int64_t cap, int threads, const std::string& isa, int64_t likely_slot) {
   const char* fn = "certified_rerank";
   const py::array_t<float> Y = typed_array<float>(Y_in, fn, "Y", 3, "[nq, M, D]", "float32");
   const py::array_t<float> q = check_queries(fn, q_in, Y);
   if (!std::isfinite(beta)) throw py::value_error(err(fn, "beta must be finite, got " + num(beta)));
   const Setup st = check_setup(fn, Y, Kp, cap, safety, out_rel, threads);
+  if (likely_slot < -1 || likely_slot >= Kp)
+    throw py::value_error(err(fn, "likely_slot must be -1 (faithful) or in [0, Kp) = [0, " + std::to_string(Kp) +
+                                      "), got " + std::to_string(likely_slot)));
   const Kernels kn = pick_checked(fn, isa);
   const int64_t nq = Y.shape(0), M = st.M, D = st.D;
   py::array_t<int64_t> order({nq, M});
@@ -1099,7 +1119,8 @@ py::tuple certified_rerank(const py::array& Y_in, const py::array& q_in, int64_t
   {
     py::gil_scoped_release release;
     auto one = [&](int64_t k, int nt, QueryWork& w, Stats& s) {
-      const bool ok = rerank_one(y + k * M * D, qp + k * D, beta, st, kn, nt, w, ord + k * M, sco + k * M, s);
+      const bool ok = rerank_one(y + k * M * D, qp + k * D, beta, likely_slot, st, kn, nt, w, ord + k * M, sco + k * M,
+                                 s);
       sts[k] = ok ? 0 : 1;
       if (!ok)  // nothing valid: first-stage order, NaN scores
         for (int64_t i = 0; i < M; ++i) {
@@ -1201,9 +1222,11 @@ PYBIND11_MODULE(_rerank_cpu, m) {
   m.doc() = "The certified bfloat16 rerank on the CPU (sgengine.kernels.rerank_cpu wraps it)";
   m.def("certified_rerank", &certified_rerank, py::arg("Y"), py::arg("q"), py::arg("Kp"), py::arg("beta"),
         py::arg("safety"), py::arg("out_rel"), py::arg("cap"), py::arg("threads") = 1, py::arg("isa") = "auto",
+        py::arg("likely_slot") = -1,
         "SPEC 6 steps 2-8 for Y [nq, M, D] and q [nq, D] (float32, C-contiguous) with K' = Kp:\n"
         "(order int64 [nq, M], scores float32 [nq, M], status uint8 [nq], (rows, exact_dots, dense_rows)).\n"
-        "status 1: a row of that query is not finite or too large; its order and scores are not valid.");
+        "status 1: a row of that query is not finite or too large; its order and scores are not valid.\n"
+        "likely_slot >= 0: the adaptive mode (docs/adaptive_rerank.md) with that slot; -1: SPEC 6 as written.");
   m.def("certified_neighbours", &certified_neighbours, py::arg("Y"), py::arg("q"), py::arg("Kp"), py::arg("safety"),
         py::arg("out_rel"), py::arg("cap"), py::arg("threads") = 1, py::arg("isa") = "auto",
         "SPEC 6.3 alone: (v float32 [nq, M, Kp] descending, n int64 [nq, M, Kp], (rows, exact_dots, dense_rows)).\n"

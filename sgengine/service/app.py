@@ -103,9 +103,9 @@ def parse_params(query: dict[str, str], body: dict[str, Any], n_index: int) -> S
     v: dict[str, Any] = dict(body)
     for name, s in query.items():
         if name == "rerank":
-            if s.lower() not in _TRUE + _FALSE:
-                raise InputError(f"rerank must be true or false, got {s!r}")
-            v[name] = s.lower() in _TRUE
+            if s.lower() not in _TRUE + _FALSE + ("adaptive",):
+                raise InputError(f"rerank must be true, false or adaptive, got {s!r}")
+            v[name] = "adaptive" if s.lower() == "adaptive" else s.lower() in _TRUE
         else:
             kind = float if name == "beta" else int
             try:
@@ -114,8 +114,8 @@ def parse_params(query: dict[str, str], body: dict[str, Any], n_index: int) -> S
                 raise InputError(f"{name} must be {'a real number' if kind is float else 'an integer'}, "
                                  f"got {s!r}") from None
     rerank = v.get("rerank", True)
-    if not isinstance(rerank, bool):
-        raise InputError(f"rerank must be true or false, got {rerank!r}")
+    if not isinstance(rerank, bool) and rerank != "adaptive":
+        raise InputError(f"rerank must be true, false or \"adaptive\" (docs/adaptive_rerank.md), got {rerank!r}")
     return SearchParams(
         k=check_int(v.get("k", min(10, max(n_index, 1))), "k", 1),
         rerank=rerank,

@@ -39,7 +39,7 @@ class ShuttingDown(SgengineError):
 
 class SearchParams(NamedTuple):
     k: int
-    rerank: bool
+    rerank: bool | str  # True (faithful), False, or "adaptive"
     M: int | None
     K: int | None
     beta: float | None
