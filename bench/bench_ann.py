@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                    "efSearch) to measure besides the tuned one")
     p.add_argument("--work", default=os.path.expanduser("~/.cache/sgengine/bench_ann"))
     p.add_argument("--out")
+    p.add_argument("--json", help="also write the table as JSON (bench/scale_table.py reads it)")
     a = p.parse_args(argv)
     import torch
     from sgengine import Engine
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     exact_ids, exact_ms, _ = _run(exact, queries)
     rss_exact = _rss_mb()
     table = [("exact (" + exact.describe()["search_impl"] + ")", 1.0, 1.0, exact_ms)]
+    del exact  # one engine at a time: each holds its own buffers
     tuned = dict(meta.get("params") or {})
     key = next(iter(tuned), "nprobe")  # nprobe for IVF, efSearch for HNSW
     sweeps = [tuned] + [{key: int(v)} for v in a.sweep.split(",") if v and {key: int(v)} != tuned]
@@ -145,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         ids, ms, stage = _run(eng, queries)
         overlap = float(np.mean([len(set(x) & set(y)) / K_TOP for x, y in zip(ids, exact_ids)]))
         label = ", ".join(f"{k}={v}" for k, v in params.items()) or "default"
-        table.append((f"ANN {label}{' (tuned)' if params == tuned else ''} [{stage}]", rec.recall, overlap, ms))
+        table.append((f"ANN {label}{(' (tuned)' if meta.get('recall') else ' (as built, not tuned)') if params == tuned else ''} [{stage}]", rec.recall, overlap, ms))
+        del eng
     lines.append(f"{'first stage':<38} {'recall@400':>10} {'top-100 overlap':>16} {'first stage ms':>15} {'search ms':>10}")
     for name, rec, ov, ms in table:
         lines.append(f"{name:<38} {rec:>10.4f} {ov:>16.4f} {ms['first']:>15.2f} {ms['total']:>10.2f}")
@@ -154,10 +157,23 @@ def main(argv: list[str] | None = None) -> int:
     lines.append(f"machine: {platform.processor() or platform.machine()} ({os.cpu_count()} cores, torch "
                  f"{torch.__version__}, {torch.get_num_threads()} threads); load average before/after: "
                  f"{os.getloadavg()}")
+    rss_end = _rss_mb()
+    lines.append(f"RSS at the end: {rss_end:.0f} MB (the engines and the measurement share one loaded ANN)")
     text = "\n".join(lines)
     print(text)
     if a.out:
         Path(a.out).write_text(text + "\n")
+    if a.json:
+        import json
+        Path(a.json).write_text(json.dumps({
+            "rows": len(index), "dim": index.dim, "dtype": index.dtype, "queries": len(queries),
+            "k": K_TOP, "M": M, "K": K, "beta": BETA, "factory": meta["factory"],
+            "bytes_per_row": index.ann["bytes"] / len(index), "build_seconds": meta.get("build_seconds", build_s),
+            "results": [{"name": n, "recall": r, "overlap": o, "first_ms": ms["first"], "total_ms": ms["total"]}
+                        for n, r, o, ms in table],
+            "rss_mb": {"before": rss0, "open": rss_open, "exact": rss_exact, "end": rss_end},
+            "machine": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, torch {torch.__version__})",
+            "loadavg_end": os.getloadavg()}, indent=1) + "\n")
     return 0
 
 

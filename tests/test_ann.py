@@ -630,7 +630,7 @@ def test_cli_index_ann_info_update_drop(tmp_path, capsys):
     assert Index.open(path).ann_state() == "fresh"
     assert cli_main(["index", "ann", path, "--factory", "auto", "--recall-queries", "0", "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "ANN HNSW32 over 2,200 rows" in out and "auto: " in out
+    assert "ANN HNSW32,SQ8 over 2,200 rows" in out and "auto: " in out
     assert cli_main(["index", "ann", path, "--drop"]) == 0 and "dropped" in capsys.readouterr().out
     assert cli_main(["index", "ann", path, "--factory", "IVFx,Blah", "--quiet"]) == 2
     assert "could not parse" in capsys.readouterr().err
