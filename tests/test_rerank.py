@@ -212,9 +212,14 @@ def test_adaptive_candidates_match_chain(seed, nq, M, D, K):
 
 
 def test_adaptive_default_shape(seed):
-    queries, db = make_data(seed, 2, 1200, 2048)
-    q, Y = candidates(queries, db, 400)
-    check_against_chain(q, Y, 9, 0.15, seed, impls=_cpu_impls(), mode="adaptive")
+    # About one query in six of this generator has its K'-th s1 within rounding of the next
+    # (ill-posed: any two float32 paths may expand differently); draw until one of the two is not.
+    for draw in range(8):
+        queries, db = make_data(seed + draw, 2, 1200, 2048)
+        q, Y = candidates(queries, db, 400)
+        if not ill_posed_expansion(q, Y, 9, 0.15, adaptive=True).all():
+            break
+    check_against_chain(q, Y, 9, 0.15, seed + draw, impls=_cpu_impls(), mode="adaptive")
 
 
 @pytest.mark.parametrize("M", [1, 2, 3, 10])
@@ -255,20 +260,24 @@ def test_adaptive_k0_is_the_global_ranking(seed):
 
 
 def test_adaptive_no_likely_row_keeps_s1(seed):
-    # Candidates in a tight cluster that the query is far from: every row's neighbours are far more
+    # Candidates in a cluster that the query is far from: every row's neighbours are far more
     # similar to it than the query is (all of them weigh), and the query ranks last among each row's
     # neighbours (no row is likely), so there is no expansion and f = s1 of the refined rows.
     rng = np.random.default_rng(seed)
     D, M = 32, 60
-    c = rng.standard_normal(D)
-    Y = c + 0.3 / np.sqrt(D) * rng.standard_normal((M, D))
-    Y /= np.linalg.norm(Y, axis=1, keepdims=True)
-    qv = rng.standard_normal(D) - 0.9 * c / np.linalg.norm(c) * np.sqrt(D)
-    qv /= np.linalg.norm(qv)
-    q, Yt = torch.from_numpy(qv[None].astype(np.float32)), torch.from_numpy(Y[None].astype(np.float32))
-    G = Yt[0].double() @ Yt[0].double().T
-    v, n = torch.topk(G, 10, dim=1)
-    d = Yt[0].double() @ q[0].double()
+    for _ in range(50):  # a draw whose decisions are not within float32 rounding of a tie (else the
+        c = rng.standard_normal(D)  # float32 paths may take another, equally right, neighbour set)
+        Y = c / np.linalg.norm(c) + 0.8 / np.sqrt(D) * rng.standard_normal((M, D))
+        Y /= np.linalg.norm(Y, axis=1, keepdims=True)
+        qv = rng.standard_normal(D) - 0.9 * c / np.linalg.norm(c) * np.sqrt(D)
+        qv /= np.linalg.norm(qv)
+        q, Yt = torch.from_numpy(qv[None].astype(np.float32)), torch.from_numpy(Y[None].astype(np.float32))
+        G = Yt[0].double() @ Yt[0].double().T
+        v11, n11 = torch.topk(G, 11, dim=1)
+        v, n = v11[:, :10], n11[:, :10]
+        d = Yt[0].double() @ q[0].double()
+        if (v11[:, 9] - v11[:, 10]).min() > 1e-5:
+            break
     assert (d < v[:, ADAPTIVE_RANK]).all() and (v[:, 1:] >= d[:, None]).all(), "the construction is off"
     w = 0.15 * v
     w[:, 0] = 1
@@ -276,7 +285,9 @@ def test_adaptive_no_likely_row_keeps_s1(seed):
     o64 = torch.argsort(s1, descending=True)
     for impl in _cpu_impls():
         o, f = rerank_candidates(q, Yt, 9, 0.15, impl=impl, mode="adaptive")
-        assert_rankings_agree(o64, s1[o64], o[0], f[0], rtol=0, atol=1e-6, truncated=False,
+        # float32 dot products of unit rows with D = 32 terms: worst-case error ~ D * 2**-24 ~ 2e-6 in
+        # d, and the weighted mean of d's carries it (a fresh seed hit 1.2e-6): 4e-6, as elsewhere here.
+        assert_rankings_agree(o64, s1[o64], o[0], f[0], rtol=0, atol=4e-6, truncated=False,
                               context=f"seed {seed}, {impl}")
         _, ff = rerank_candidates(q, Yt, 9, 0.15, impl=impl)
         assert (ff[0] - f[0]).abs().max() > 1e-2, "the faithful expansion must differ here"
