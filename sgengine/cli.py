@@ -114,6 +114,7 @@ def _cmd_index_ann(a) -> int:
         return 0
     log = (lambda msg: None) if a.quiet else (lambda msg: print(msg, file=sys.stderr))
     rep = ann.build(idx, a.factory, memory_budget=a.memory_budget, sample=a.sample, params=_ann_params(a), M=a.M,
+                    ef_construction=a.ef_construction,
                     candidates=a.candidates, target_recall=a.target_recall, recall_queries=a.recall_queries,
                     device=a.device, progress=not a.quiet, log=log)
     print(rep.summary())
@@ -204,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="IVF lists searched per query (default: the smallest reaching --target-recall)")
     an.add_argument("--ef-search", type=int, default=None, help="HNSW efSearch (default: tuned like --nprobe)")
     an.add_argument("--sample", type=int, default=None, help="training rows (default 64 per IVF list, >= 65,536)")
+    an.add_argument("--ef-construction", type=int, default=None,
+                    help="HNSW build-time search width (default FAISS's 40; larger links tight clusters better, "
+                    "build time grows with it)")
     an.add_argument("--M", type=int, default=400, help="the rerank's M that recall@M is tuned for (default 400)")
     an.add_argument("--candidates", type=int, default=None, help="M', candidates per query (default 2 x M)")
     an.add_argument("--target-recall", type=float, default=0.95, help="recall@M the tuning aims for (default 0.95)")

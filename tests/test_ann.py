@@ -654,3 +654,21 @@ def test_cli_search_with_ann(tmp_path, capsys, bundle, photos):
     assert out["first_stage"] == "ann" and "ann" in out["timings_ms"] and len(out["queries"][0]["results"]) == 3
     assert cli_main(args + ["--ann", "off"]) == 0
     assert json.loads(capsys.readouterr().out)["first_stage"] == "exact"
+
+
+def test_ef_construction_is_set_recorded_and_refused_without_a_graph(tmp_path, capsys):
+    import faiss
+    x = clustered(1500)
+    ix = make_index(tmp_path / "ix", x)
+    rep = ann.build(ix, "HNSW8,SQ8", ef_construction=90, recall_queries=0)
+    assert rep.meta["ef_construction"] == 90 == ix.ann_meta()["ef_construction"]
+    fx = faiss.read_index(str(ix.path / ix.ann["file"]))
+    assert faiss.downcast_index(fx).hnsw.efConstruction == 90
+    assert ann.build(ix, "HNSW8", recall_queries=0).meta["ef_construction"] == 40  # FAISS's default
+    with pytest.raises(InputError, match="ef_construction applies to an HNSW graph.*IVF8,Flat"):
+        ann.build(ix, "IVF8,Flat", ef_construction=90)
+    with pytest.raises(InputError, match="ef_construction"):
+        ann.build(ix, "HNSW8", ef_construction=0)
+    assert cli_main(["index", "ann", str(ix.path), "--factory", "HNSW8", "--ef-construction", "64",
+                     "--recall-queries", "0", "--quiet"]) == 0
+    assert Index.open(ix.path).ann_meta()["ef_construction"] == 64
