@@ -321,11 +321,16 @@ def main(argv: list[str] | None = None) -> int:
                       "total": time.perf_counter() - t_all}
     text = result.table(machine_name()) + f"\nversions: {versions()}\nsettings: views {args.views}, distractors " \
         f"{args.region_distractors} per photo + {args.distractors}, max_side {args.max_side}, seed {args.seed}\ndate: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    return _emit(text, args.out)
+
+
+def _emit(text: str, out: Path | None) -> int:
+    """Print the table, and write it to `out` when given."""
     print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-        print(f"written: {args.out}")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+        print(f"written: {out}")
     return 0
 
 
@@ -349,12 +354,7 @@ def main_modes(args) -> int:
         f"mAP and R@1 (= mP@1) x 100 (SPEC 7 AP, no junk); max_side {args.max_side}, seed {args.seed}.", "",
         modes_table(rows, synthetic, costs), "",
         f"machine: {machine_name()}; {versions()}; total {time.perf_counter() - t_all:.0f} s"])
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-        print(f"written: {args.out}")
-    return 0
+    return _emit(text, args.out)
 
 
 if __name__ == "__main__":

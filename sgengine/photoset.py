@@ -182,6 +182,20 @@ def _split_regions(img: Image.Image) -> tuple[Image.Image, Image.Image]:
     return img.crop((0, 0, w, h // 2)), img.crop((0, int(h * 0.55), w, h))
 
 
+def rest_distractors(root: Path, name: str, rest: Image.Image, count: int,
+                     rng: np.random.Generator) -> list[tuple[str, Path]]:
+    """`count` augmented views of the unqueried part of photo `name` (a random view kind each),
+    saved under root/database/DISTRACTOR_DIR: distractors that share the photo's look."""
+    out = []
+    for j in range(count):
+        view = QUALITY_VIEWS[int(rng.integers(0, len(QUALITY_VIEWS)))]
+        id_ = f"{DISTRACTOR_DIR}/{name}-rest-{j}-{view}"
+        path = root / "database" / f"{id_}.jpg"
+        _save(_augment(rest, view, rng), path, 90)
+        out.append((id_, path))
+    return out
+
+
 def make_quality_set(root: Path, *, views: tuple[str, ...] = QUALITY_VIEWS, region_distractors: int = 3,
                      distractors: int = 80, sources: tuple[str, ...] = DISTRACTOR_SOURCES,
                      max_side: int | None = None, seed: int = 0) -> QualitySet:
@@ -221,12 +235,7 @@ def make_quality_set(root: Path, *, views: tuple[str, ...] = QUALITY_VIEWS, regi
             vpath = root / "database" / name / f"{view}.jpg"
             _save(view_img, vpath, 90)
             database.append((f"{name}/{view}", vpath))
-        for j in range(region_distractors):
-            view = QUALITY_VIEWS[int(rng.integers(0, len(QUALITY_VIEWS)))]
-            id_ = f"{DISTRACTOR_DIR}/{name}-rest-{j}-{view}"
-            path = root / "database" / f"{id_}.jpg"
-            _save(_augment(rest, view, rng), path, 90)
-            others.append((id_, path))
+        others += rest_distractors(root, name, rest, region_distractors, rng)
     for j in range(distractors):
         src = srcs[j % len(srcs)]
         rng = np.random.default_rng([seed, 1000 + j])

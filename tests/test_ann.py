@@ -6,12 +6,14 @@ killed by os._exit at a point of the ANN commit (SGENGINE_INDEX_CRASH_AT, as tes
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -166,7 +168,6 @@ def test_ann_objects_over_one_index_share_one_copy_with_their_own_parameters(tmp
     """Two engines (or an engine and measure_recall) over one Index hold one loaded FAISS index;
     each Ann's parameters are its own and give what setting them on a private copy gives."""
     import faiss
-    import gc
     x = clustered(3000, centers=40, noise=1.0)
     ix = make_index(tmp_path / "ix", x)
     ann.build(ix, factory, recall_queries=0)
@@ -188,7 +189,7 @@ def test_ann_objects_over_one_index_share_one_copy_with_their_own_parameters(tmp
     old = loaded[0]._fx
     ann.build(ix, "Flat", recall_queries=0)
     assert ann.Ann.load(ix)._fx is not old
-    ref = __import__("weakref").ref(old)
+    ref = weakref.ref(old)
     del old, loaded
     gc.collect()
     assert ref() is None

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from ..photoset import (DISTRACTOR_DIR, QUALITY_VIEWS, QualitySet, _augment, _save, _shrunk, _split_regions,
-                        make_quality_set)
+                        make_quality_set, rest_distractors)
 
 __all__ = ["GROUPINGS", "QUERY_VARIANTS", "SMALL_GROUP_SIZES", "ROTATION_DEGREES", "make_group_set"]
 
@@ -63,14 +63,7 @@ def _second_photo_scene(root: Path, views: tuple[str, ...], region_distractors: 
         path = root / "database" / name / f"{view}.jpg"
         _save(_augment(second, view, rng), path, 90)
         pos.append((f"{name}/{view}", path))
-    others = []
-    for j in range(region_distractors):
-        view = QUALITY_VIEWS[int(rng.integers(0, len(QUALITY_VIEWS)))]
-        id_ = f"{DISTRACTOR_DIR}/{name}-rest-{j}-{view}"
-        path = root / "database" / f"{id_}.jpg"
-        _save(_augment(rest, view, rng), path, 90)
-        others.append((id_, path))
-    return qpath, pos, others
+    return qpath, pos, rest_distractors(root, name, rest, region_distractors, rng)
 
 
 def _face_distractors(root: Path, n: int) -> list[tuple[str, Path]]:

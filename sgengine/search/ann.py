@@ -752,6 +752,8 @@ def build(index: Index, factory: str = "auto", *, memory_budget: str | int = DEF
                                   fixed=params)
     tune_s = time.perf_counter() - t0
     state = {"added": 0}
+    graph = _structure(fx).get("hnsw")
+    graph_efc = int(graph.hnsw.efConstruction) if graph is not None else None
 
     def prepare(ix: Index):
         # Under the writer lock: rows appended by others since we read n go in now.
@@ -759,7 +761,7 @@ def build(index: Index, factory: str = "auto", *, memory_budget: str | int = DEF
         state["add_s"] = _add_rows(fx, ix, n, len(ix), False)
         fields = {"factory": fac, "requested": factory, "why": why, "metric": "inner_product",
                   "faiss_version": faiss.__version__, "trained_on": train_rows, "sample_seed": seed,
-                  "ef_construction": int(_structure(fx)["hnsw"].hnsw.efConstruction) if "hnsw" in _structure(fx) else None,
+                  "ef_construction": graph_efc,
                   "params": chosen, "recall": None if recall is None else {**recall.as_dict(), "rows": n},
                   "tuning": sweep, "target_recall": target_recall, "built": _utcnow(),
                   "build_seconds": round(time.perf_counter() - t_start, 3), "updates": []}
