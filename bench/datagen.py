@@ -76,11 +76,9 @@ def _scene_normal(seed: int, scenes: np.ndarray) -> np.ndarray:
     return (np.sqrt(-2.0 * np.log(u1)) * np.cos(2 * np.pi * u2)).astype(np.float32)
 
 
-def generate(n: int, d: int, cal: Calibration = DEFAULT, *, seed: int = 0, out: np.ndarray | None = None,
-             block: int = 65536, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """(rows [n, d] unit length in `dtype` (written into `out`, e.g. a memmap, when given), scene
-    id per row [n] int64). Deterministic in (n, d, cal, seed); generated a block at a time so a
-    memmap of 1M x 2048 float16 never needs the whole set in RAM."""
+def _model(n: int, d: int, cal: Calibration, seed: int):
+    """The draws every row of generate(n, d, cal, seed) shares: basis, spectrum, mean direction and
+    the scene of each row."""
     rng = np.random.default_rng(seed)
     basis = _basis(d, rng)
     s = _spectrum(d, cal.alpha) * np.sqrt(d)  # unit-variance scale overall
@@ -88,25 +86,65 @@ def generate(n: int, d: int, cal: Calibration = DEFAULT, *, seed: int = 0, out: 
     mu /= np.linalg.norm(mu)
     sizes = 1 + rng.poisson(max(cal.views - 1.0, 0.0), size=n)
     scene = np.repeat(np.arange(len(sizes)), sizes)[:n]
+    return basis, s, mu, scene
+
+
+def _block_latents(scene: np.ndarray, a: int, b: int, n: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scene ids, their latents g) of the rows a..b-1 (one block of generate)."""
+    first = np.unique(scene[a:b])
+    g = np.random.default_rng([seed, 1, int(first[0])]).standard_normal((len(first), d), dtype=np.float32)
+    # Scene latents must not depend on where a block starts: draw each scene's from its own seed
+    # when a scene straddles a block boundary.
+    if a > 0 and scene[a - 1] == first[0]:
+        g[0] = np.random.default_rng([seed, 2, int(first[0])]).standard_normal(d, dtype=np.float32)
+    if b < n and scene[b] == first[-1]:
+        g[-1] = np.random.default_rng([seed, 2, int(first[-1])]).standard_normal(d, dtype=np.float32)
+    return first, g
+
+
+def _rows(g: np.ndarray, e: np.ndarray, sc: np.ndarray, cal: Calibration, basis, s, mu, seed: int) -> np.ndarray:
+    noise = cal.view_noise * np.exp(cal.noise_spread * _scene_normal(seed, sc))[:, None]
+    z = (g + noise * e) * s
+    x = cal.mean_weight * mu + (z @ basis.T) / np.sqrt(len(s))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def generate(n: int, d: int, cal: Calibration = DEFAULT, *, seed: int = 0, out: np.ndarray | None = None,
+             block: int = 65536, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """(rows [n, d] unit length in `dtype` (written into `out`, e.g. a memmap, when given), scene
+    id per row [n] int64). Deterministic in (n, d, cal, seed); generated a block at a time so a
+    memmap of 1M x 2048 float16 never needs the whole set in RAM."""
+    basis, s, mu, scene = _model(n, d, cal, seed)
     rows = np.empty((n, d), dtype) if out is None else out
     for a in range(0, n, block):
         b = min(a + block, n)
         sc = scene[a:b]
-        first, inv = np.unique(sc, return_inverse=True)
-        g = np.random.default_rng([seed, 1, int(first[0])]).standard_normal((len(first), d), dtype=np.float32)
-        # Scene latents must not depend on where a block starts: draw each scene's from its own seed
-        # when a scene straddles a block boundary.
-        if a > 0 and scene[a - 1] == first[0]:
-            g[0] = np.random.default_rng([seed, 2, int(first[0])]).standard_normal(d, dtype=np.float32)
-        if b < n and scene[b] == first[-1]:
-            g[-1] = np.random.default_rng([seed, 2, int(first[-1])]).standard_normal(d, dtype=np.float32)
+        first, g = _block_latents(scene, a, b, n, d, seed)
         e = np.random.default_rng([seed, 3, a]).standard_normal((b - a, d), dtype=np.float32)
-        noise = cal.view_noise * np.exp(cal.noise_spread * _scene_normal(seed, sc))[:, None]
-        z = (g[inv] + noise * e) * s
-        x = cal.mean_weight * mu + (z @ basis.T) / np.sqrt(d)
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        rows[a:b] = x.astype(dtype)
+        rows[a:b] = _rows(g[np.searchsorted(first, sc)], e, sc, cal, basis, s, mu, seed).astype(dtype)
     return rows, scene
+
+
+def fresh_views(n: int, d: int, scenes, cal: Calibration = DEFAULT, *, seed: int = 0, view_seed: int = 0,
+                block: int = 65536, _e: np.ndarray | None = None) -> np.ndarray:
+    """New views [len(scenes), d] float32 of the given scenes of generate(n, d, cal, seed=seed,
+    block=block): the same scene latents and view-noise scale, fresh view noise (seeded by
+    view_seed, apart from every row generate draws). The queries a collection really gets: a new
+    photo of something it holds, every stored view of which is relevant."""
+    basis, s, mu, scene = _model(n, d, cal, seed)
+    scenes = np.asarray(scenes, np.int64)
+    if scenes.size and (scenes.min() < 0 or scenes.max() > scene[-1]):
+        raise ValueError(f"scenes must be in 0..{scene[-1]}")
+    g = np.empty((len(scenes), d), np.float32)
+    starts = np.searchsorted(scene, scenes)
+    for a in np.unique(starts // block * block):  # one latent draw per block, as generate does it
+        b = min(a + block, n)
+        first, gb = _block_latents(scene, int(a), b, n, d, seed)
+        sel = np.flatnonzero(starts // block * block == a)
+        g[sel] = gb[np.searchsorted(first, scenes[sel])]
+    e = (np.random.default_rng([seed, 4, view_seed]).standard_normal((len(scenes), d), dtype=np.float32)
+         if _e is None else _e)
+    return _rows(g, e, scenes, cal, basis, s, mu, seed).astype(np.float32)
 
 
 def profile(x: np.ndarray, rng_seed: int = 0) -> dict:
