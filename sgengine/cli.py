@@ -93,6 +93,8 @@ def _ann_params(a) -> dict | None:
         params["nprobe"] = a.nprobe
     if a.ef_search is not None:
         params["efSearch"] = a.ef_search
+    if getattr(a, "ann_probe", None) is not None:
+        params["probe"] = a.ann_probe
     return params or None
 
 
@@ -100,8 +102,8 @@ def _cmd_index_ann(a) -> int:
     from .errors import InputError
     from .index import Index
     from .search import ann
-    if a.drop and a.update:
-        raise InputError("--drop and --update exclude each other")
+    if sum(map(bool, (a.drop, a.update, a.set_probe))) > 1:
+        raise InputError("--drop, --update and --set-probe exclude each other")
     idx = Index.open(a.index)
     if a.drop:
         print(f"dropped the ANN of {idx.path}" if ann.drop(idx) else f"{idx.path} has no ANN: nothing to drop")
@@ -113,8 +115,15 @@ def _cmd_index_ann(a) -> int:
               + (f" ({r['file']}, generation {r['generation']})" if rep.added else ""))
         return 0
     log = (lambda msg: None) if a.quiet else (lambda msg: print(msg, file=sys.stderr))
+    if a.set_probe:
+        rep = ann.set_probe(idx, a.set_probe, candidates=a.probe_candidates, progress=not a.quiet, log=log)
+        pr = rep.meta.get("probe")
+        print(f"ANN {rep.record['factory']} of {idx.path}: "
+              + (f"probe {pr['factory']} ({pr['bytes']:,} B), its top {pr['candidates']} join the candidates"
+                 if pr else "no probe") + f" ({rep.record['file']}, generation {rep.record['generation']})")
+        return 0
     rep = ann.build(idx, a.factory, memory_budget=a.memory_budget, sample=a.sample, params=_ann_params(a), M=a.M,
-                    ef_construction=a.ef_construction,
+                    ef_construction=a.ef_construction, probe=a.probe, probe_candidates=a.probe_candidates,
                     candidates=a.candidates, target_recall=a.target_recall, recall_queries=a.recall_queries,
                     device=a.device, progress=not a.quiet, log=log)
     print(rep.summary())
@@ -215,6 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stored rows used as queries to tune and report recall@M (default 200; 0 skips)")
     an.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                     help="train and add on the CPU, or on the GPU with faiss-gpu (default cpu)")
+    an.add_argument("--probe", default="auto",
+                    help="the probe, a small second index in a PCA-whitened space whose top candidates join the "
+                    "main index's (finds views of one scene that graph and IVF routing miss): auto (on for an "
+                    "approximate main index, D >= 128, N >= 1,000), off, or a FAISS factory (default auto)")
+    an.add_argument("--probe-candidates", type=int, default=None,
+                    help="how many of the probe's candidates join by default (default 32)")
+    an.add_argument("--set-probe", default=None, metavar="auto|off|FACTORY",
+                    help="add, replace or remove the probe of the existing ANN, keeping its main index")
     an.add_argument("--update", action="store_true",
                     help="add the rows appended since the ANN was built (no retraining), making it fresh again")
     an.add_argument("--drop", action="store_true", help="remove the index's ANN")
@@ -242,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ef-search", type=int, default=None, help="ANN: HNSW efSearch (default: tuned at build)")
     s.add_argument("--ann-candidates", type=int, default=None,
                    help="ANN: M' candidates re-scored (default 2 x max(k, M))")
+    s.add_argument("--ann-probe", type=int, default=None,
+                   help="ANN: the probe's candidates that join (default: as built, 32; 0 turns it off)")
     _add_engine_args(s)
     s.set_defaults(func=_cmd_search)
 

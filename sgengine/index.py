@@ -15,6 +15,7 @@ Directory layout (format "sgengine-index", format_version 1)::
         seg-000001.npy ...
       ann/                       optional: the approximate first stage (sgengine.search.ann)
         ann-000009.faiss         faiss.write_index's bytes; the number is the generation that installed it
+                                 (then the probe's, when it has one: sgengine.search.ann, "The probe")
         ann-000009.json          its sidecar: what it is and which index and revision it belongs to
 
 manifest.json::
@@ -787,7 +788,8 @@ class Index:
         Under the writer lock, after picking up other writers' commits, `prepare(self)` returns
         (write, fields, count): `write(stream)` streams the .faiss file's bytes to `stream.write`,
         `fields` go into the sidecar beside the ones this method fills in (index uid, bundle, dim,
-        generation, count, sha256, bytes), and `count` is how many rows the ANN covers (rows
+        generation, count, sha256, bytes); they are read after `write` returns, so `write` may
+        complete them with what only writing tells (where a second part of the file starts), and `count` is how many rows the ANN covers (rows
         0..count-1, 1 <= count <= len(self); the index may have grown since the caller last looked:
         `prepare` is where to catch up). A crash at any point leaves the committed manifest, the
         rows and the previous ANN untouched; the files written so far are orphans that the next

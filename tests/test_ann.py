@@ -585,7 +585,8 @@ def test_engine_ann_settings_and_describe(tmp_path, bundle):
     d = eng.describe()["ann"]
     assert d["mode"] == "auto" and d["state"] == "fresh" and d["first_stage"] == "ann"
     assert d["factory"] == "IVF8,Flat" and d["library"].startswith("faiss-cpu") and d["device"] == "cpu"
-    assert d["params"] == {"nprobe": 8} and d["candidates"] == "M' = max(50, k, M)"
+    assert d["params"] == {"nprobe": 8, "probe": ann.PROBE_CANDIDATES}  # D >= 128, N >= 1,000: the auto probe
+    assert d["candidates"] == "M' = max(50, k, M)"
     assert d["bytes_per_row"] > 4 * bundle.dim and d["recall_at_build"]["M"] == 100 and d["count"] == 1500
     res = eng.search(x[:1], k=10, M=100)
     assert res.first_stage == "ann" and "ann_candidates=50 raised to max(k, M) = 100" in res.notes

@@ -32,6 +32,22 @@ exact top M, the rerank input equals the exact pipeline's. recall@M measures how
 fraction of the exact top M (SPEC 5) found among the M' candidates, where a candidate tied with
 the M-th exact score (within SPEC 6's 1e-6 relative) counts as found.
 
+The probe. A graph or IVF first stage routes a query by the dominant directions of the rows, and
+image descriptors put most of their variance in a few of them. Two views of one scene agree
+across hundreds of low-variance directions, which lifts their inner product above the crowd, yet
+they can sit far apart along the dominant ones: the query's route then never reaches them
+(measured on 1M calibrated rows: HNSW32 at efSearch 800 missed one of the exact top 10 for 9 of
+50 queries, and those were its scene's other views, found at whitened ranks 0-10). The
+probe is a second FAISS index over the same rows in a PCA-whitened space (`PROBE_FACTORY`,
+PCAW64,L2norm,PQ32x4fs: each of 64 principal directions scaled to unit variance, then 4-bit
+fast-scan codes, 16 B/row, scanned exhaustively), where such views are each other's nearest
+rows. Its top `PROBE_CANDIDATES` join the main index's M' candidates before the exact re-score,
+so it can only add candidates: the re-score decides. The file holds the main index's bytes, then
+the probe's (the sidecar's "probe" record says where they start; a reader that knows no probe
+reads the main index and stops there). Search parameter "probe": how many of its candidates join
+(0: none). `build(probe="auto")` adds it to an approximate main index when D >= 128 and N >= 1,000;
+`set_probe` adds, replaces or removes it on an existing ANN without rebuilding the main index.
+
 "auto" (`choose_factory`) follows autofaiss's get_optimal_index_keys_v2, with B = the memory
 budget per row, and one change: the graph holds 8-bit codes, not a float32 copy of the rows,
 because the exact re-score orders the candidates anyway (measured on 1M calibrated rows x 2048:
@@ -62,9 +78,9 @@ from .._checks import check_choice, check_int, check_real
 from ..errors import BackendUnavailableError, IndexError_, InputError
 from ..index import Index
 
-__all__ = ["Ann", "build", "update", "drop", "info", "measure_recall", "choose_factory", "parse_bytes",
+__all__ = ["Ann", "build", "update", "set_probe", "drop", "info", "measure_recall", "choose_factory", "parse_bytes",
            "default_candidates", "resolve_device", "set_threads", "BuildReport", "RecallReport", "FactoryChoice",
-           "MODES", "DEVICES",
+           "MODES", "DEVICES", "PROBES", "PROBE_FACTORY", "PROBE_CANDIDATES",
            "DEFAULT_MEMORY_BUDGET", "DEFAULT_M", "TARGET_RECALL", "CANDIDATE_FACTOR"]
 
 MODES = ("auto", "require", "off")  # Engine.load(ann=...): module docstring
@@ -81,6 +97,14 @@ FLAT_BELOW = 1000
 HNSW_OVERHEAD = 16  # B/row beyond the codes and 2m level-0 links (measured: 2,320 B/row for HNSW32,SQ8 at D = 2048)
 PQ_MIN_ROWS = 10_000  # 256 centroids per sub-quantizer want >= 39 points each
 _PQ_M = (256, 128, 64, 48, 32, 24, 16, 8, 4)
+# The probe (module docstring, "The probe"): a second, tiny FAISS index over the same rows in a
+# PCA-whitened space, exhaustively scanned with 4-bit fast-scan codes; its top PROBE_CANDIDATES
+# join the main ANN's candidates.
+PROBES = ("auto", "off")
+PROBE_FACTORY = "PCAW64,L2norm,PQ32x4fs"
+PROBE_CANDIDATES = 32
+PROBE_MIN_DIM = 128   # whitening to 64 dimensions must reduce D at least twofold
+PROBE_MIN_ROWS = FLAT_BELOW
 _ADD_BLOCK_BYTES = 64 << 20
 _RESCORE_BLOCK_BYTES = 64 << 20
 # Fields of the sidecar that Index.commit_ann fills in; the rest are the builder's and survive an update.
@@ -251,6 +275,22 @@ def _set_params(fx, params: dict[str, int], what: str) -> None:
             s["hnsw" if name == "efSearch" else "quantizer_hnsw"].hnsw.efSearch = v
 
 
+def _split_probe(params: dict, probe, meta: dict, what: str, current: int | None = None) -> tuple[dict, int]:
+    """(params without "probe", the probe's candidate count): "probe" given (an integer >= 0, 0
+    turning it off) or else `current`, or else the count the build recorded. InputError for
+    "probe" on an ANN that has none."""
+    params = dict(params)
+    k = params.pop("probe", None)
+    if probe is None:
+        if k is not None:
+            raise InputError(f"{what} has no probe (search parameter 'probe'): add one with "
+                             "sgengine index ann INDEX --set-probe auto")
+        return params, 0
+    if k is None:
+        k = current if current is not None else meta["probe"]["candidates"]
+    return params, check_int(k, f"{what}: probe", 0)
+
+
 class _Unsupported(Exception):
     """fx has a wrapper whose per-call search parameters we do not build."""
 
@@ -301,19 +341,69 @@ _SHARED: "weakref.WeakKeyDictionary[Index, tuple[str, weakref.ref]]" = weakref.W
 _SHARED_LOCK = threading.Lock()
 
 
-def _read_shared(index: Index) -> tuple[Any, dict]:
-    """The index's ANN as a CPU FAISS index and its sidecar: the copy already loaded for this
-    Index object when its sha256 still matches the manifest, otherwise read (Index.read_ann)."""
+class _Loaded:
+    """The FAISS indexes of one ANN file: the main index and its probe (or None)."""
+    __slots__ = ("fx", "probe", "__weakref__")
+
+    def __init__(self, fx, probe) -> None:
+        self.fx, self.probe = fx, probe
+
+
+def _bounded(read: Callable[[int], bytes], size: int) -> Callable[[int], bytes]:
+    """A reader of the next `size` bytes of `read` and no more (one FAISS index of a file holding two)."""
+    left = [size]
+
+    def part(n: int) -> bytes:
+        b = read(min(n, left[0])) if left[0] > 0 else b""
+        left[0] -= len(b)
+        return b
+    return part
+
+
+def _parse(read: Callable[[int], bytes], meta: dict) -> _Loaded:
+    """Parse an ANN file (module docstring, "Storage"): the main index, then the probe's bytes
+    when the sidecar records one."""
     faiss = _faiss()
+    pr = meta.get("probe")
+    if not pr:
+        return _Loaded(faiss.read_index(faiss.PyCallbackIOReader(read)), None)
+    fx = faiss.read_index(faiss.PyCallbackIOReader(_bounded(read, int(pr["offset"]))))
+    probe = faiss.read_index(faiss.PyCallbackIOReader(_bounded(read, int(pr["bytes"]))))
+    return _Loaded(fx, probe)
+
+
+def _read_shared(index: Index) -> tuple[_Loaded, dict]:
+    """The index's ANN as CPU FAISS indexes and its sidecar: the copy already loaded for this
+    Index object when its sha256 still matches the manifest, otherwise read (Index.read_ann)."""
     with _SHARED_LOCK:
         sha = index.ann["sha256"]
         hit = _SHARED.get(index)
-        fx = hit[1]() if hit is not None and hit[0] == sha else None
-        if fx is not None:
-            return fx, index.ann_meta()
-        fx, meta = index.read_ann(lambda read: faiss.read_index(faiss.PyCallbackIOReader(read)))
-        _SHARED[index] = (sha, weakref.ref(fx))
-        return fx, meta
+        got = hit[1]() if hit is not None and hit[0] == sha else None
+        if got is not None:
+            return got, index.ann_meta()
+        meta0 = index.ann_meta()
+        got, meta = index.read_ann(lambda read: _parse(read, meta0))
+        _SHARED[index] = (sha, weakref.ref(got))
+        return got, meta
+
+
+def _writer(fx, probe, fields: dict) -> Callable[[Any], None]:
+    """write(stream) for Index.commit_ann: the main index's bytes, then the probe's; records
+    where the probe starts in fields["probe"] (commit_ann reads `fields` after the write)."""
+    faiss = _faiss()
+
+    def write(w) -> None:
+        size = [0]
+
+        def counted(b) -> None:
+            size[0] += len(b)
+            w.write(b)
+        faiss.write_index(fx, faiss.PyCallbackIOWriter(counted))
+        if probe is not None:
+            start = size[0]
+            faiss.write_index(probe, faiss.PyCallbackIOWriter(counted))
+            fields["probe"] = {**fields["probe"], "offset": start, "bytes": size[0] - start}
+    return write
 
 
 # ----------------------------------------------------------------------------- devices
@@ -364,9 +454,12 @@ class Ann:
     """
 
     def __init__(self, fx, meta: dict, record: dict, device: str, note: str | None, params: dict[str, int],
-                 gpu_resources=None) -> None:
+                 gpu_resources=None, loaded: _Loaded | None = None, probe_k: int = 0) -> None:
         self._fx = fx
         self._gpu_resources = gpu_resources  # kept alive as long as the GPU index
+        self._loaded = loaded  # keeps the shared copy (main and probe) alive while this Ann lives
+        self._probe = loaded.probe if loaded is not None else None
+        self._probe_k = int(probe_k) if self._probe is not None else 0
         self._params = dict(params)
         self._per_call = (None, [])  # (FAISS SearchParameters, the objects it points to)
         self.meta = meta
@@ -393,14 +486,16 @@ class Ann:
             raise InputError(f"ann_params must be a dict like {{'nprobe': 32}}, got {type(params).__name__}")
         dev = resolve_device(device, engine_device)
         record = index.ann
-        fx, meta = _read_shared(index)
+        loaded, meta = _read_shared(index)
+        fx = loaded.fx
         if fx.d != index.dim or fx.ntotal != record["count"] or fx.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise IndexError_(f"index {index.path}: {record['file']} holds a {fx.d}-d index of {fx.ntotal} vectors "
                               f"(metric {fx.metric_type}), not the {index.dim}-d inner-product index of "
                               f"{record['count']} rows its sidecar records; rebuild it "
                               f"(sgengine index ann {index.path})")
         what = f"the ANN {meta.get('factory')!r} of index {index.path}"
-        p = _check_params(fx, {**meta.get("params", {}), **(params or {})}, what)
+        p, probe_k = _split_probe({**meta.get("params", {}), **(params or {})}, loaded.probe, meta, what)
+        p = _check_params(fx, p, what)
         note, res = None, None
         if dev != "cpu":
             if "hnsw" in _structure(fx) and device == "auto":
@@ -415,12 +510,12 @@ class Ann:
         if dev == "cpu" and torch.device(engine_device).type == "cuda" and note is None:
             note = "faiss-cpu: the ANN searches on the CPU; its candidates move to the GPU for the re-score"
         try:
-            return cls(fx, meta, record, dev, note, p, res)
+            return cls(fx, meta, record, dev, note, p, res, loaded, probe_k)
         except _Unsupported:
             # A structure whose per-call parameters we do not build: a private copy with them set on it.
             own = faiss.clone_index(fx)
             _set_params(own, p, what)
-            ann = cls(own, meta, record, dev, note, {}, res)
+            ann = cls(own, meta, record, dev, note, {}, res, loaded, probe_k)
             ann._params = p
             return ann
 
@@ -443,8 +538,14 @@ class Ann:
 
     @property
     def params(self) -> dict[str, int]:
-        """The search parameters in effect (nprobe, efSearch, quantizer_efSearch: those it has)."""
-        return dict(self._params)
+        """The search parameters in effect (nprobe, efSearch, quantizer_efSearch: those it has;
+        probe: how many of the probe's candidates join, when it has a probe)."""
+        return {**self._params, **({"probe": self._probe_k} if self._probe is not None else {})}
+
+    @property
+    def probe(self) -> dict | None:
+        """The probe's sidecar record (factory, candidates built with, offset, bytes), or None."""
+        return self.meta.get("probe") if self._probe is not None else None
 
     def set_params(self, params: dict[str, int]) -> None:
         """Change nprobe / efSearch / quantizer_efSearch (names this index has; InputError otherwise).
@@ -454,6 +555,7 @@ class Ann:
             raise InputError(f"params must be a dict like {{'nprobe': 32}}, got {type(params).__name__}")
         what = f"the ANN {self.factory!r}"
         with self._lock:
+            params, probe_k = _split_probe(params, self._probe, self.meta, what, self._probe_k)
             if self.device == "cpu":
                 merged = _check_params(self._fx, {**self._params, **params}, what)
                 try:
@@ -470,23 +572,34 @@ class Ann:
                 for name, value in params.items():
                     _faiss().GpuParameterSpace().set_index_parameter(self._fx, name, check_int(value, name, 1))
                     self._params[name] = int(value)
+            self._probe_k = probe_k
 
     def search(self, q: np.ndarray, m_prime: int) -> np.ndarray:
-        """Candidate rows [nq, m'] int64, best first by the ANN's approximate score; -1 where it
-        found fewer than m' (an IVF probing few lists). Trusts its inputs: q float32 C-contiguous
-        [nq, dim], 1 <= m' <= count."""
+        """Candidate rows [nq, m' (+ probe)] int64: the main index's m', best first by its
+        approximate score, then the probe's candidates that are not among them; -1 where there
+        is no candidate (an IVF probing few lists; a probe candidate the main index also found).
+        Trusts its inputs: q float32 C-contiguous [nq, dim], 1 <= m' <= count."""
         sp, _keep = self._per_call  # one read: a concurrent set_params swaps the pair whole
         if sp is None:
             _, rows = self._fx.search(q, m_prime)
         else:
             _, rows = self._fx.search(q, m_prime, params=sp)
-        return rows
+        t = min(self._probe_k, self.count)
+        if t == 0:
+            return rows
+        _, extra = self._probe.search(q, t)
+        seen = (extra[:, :, None] == rows[:, None, :]).any(axis=2)
+        return np.concatenate([rows, np.where(seen, -1, extra)], axis=1)
 
     def describe(self) -> dict:
         out = {"factory": self.factory, "library": self.library, "device": self.device, "params": self.params,
                "count": self.count, "bytes": int(self.record["bytes"]),
                "bytes_per_row": round(self.record["bytes"] / max(1, self.count), 1), "file": self.record["file"],
                "built": self.meta.get("built"), "recall_at_build": self.meta.get("recall")}
+        if self._probe is not None:
+            pr = self.meta["probe"]
+            out["probe"] = {"factory": pr["factory"], "candidates": self._probe_k, "bytes": int(pr["bytes"]),
+                            "device": "cpu"}
         if self.device_note:
             out["note"] = self.device_note
         return out
@@ -595,6 +708,10 @@ class BuildReport:
         if m.get("trained_on"):
             lines.append(f"  trained on {m['trained_on']:,} sampled rows in {self.train_s:.1f} s")
         lines.append(f"  added {self.added:,} rows in {self.add_s:.1f} s")
+        pr = m.get("probe")
+        if pr:
+            lines.append(f"  probe {pr['factory']}: {_fmt_bytes(pr.get('bytes', 0))}, its top {pr['candidates']} join "
+                         f"the candidates ({pr.get('build_seconds', 0):.1f} s to build)")
         for t in m.get("tuning") or []:
             p = ", ".join(f"{k}={v}" for k, v in t["params"].items()) or "no parameters"
             lines.append(f"  {p:<34} recall@{t['M']} {t['recall']:.4f} (min {t['min_recall']:.3f}) "
@@ -671,10 +788,67 @@ def _check_build_device(device: str) -> str | None:
     return resolve_device("cuda", "cuda")
 
 
+def _probe_choice(requested: str, main_factory: str, n: int, d: int) -> tuple[str | None, str]:
+    """(the probe's factory or None, why) for probe=`requested` ("auto", "off" or a FAISS factory)."""
+    if not isinstance(requested, str) or not requested.strip():
+        raise InputError(f"probe must be 'auto', 'off' or a FAISS factory string, got {requested!r}")
+    requested = requested.strip()
+    if requested == "off":
+        return None, "probe off"
+    if requested != "auto":
+        return requested, "given"
+    if main_factory == "Flat":
+        return None, "auto: no probe for an exact (Flat) main index"
+    if d < PROBE_MIN_DIM:
+        return None, f"auto: no probe for dim {d} < {PROBE_MIN_DIM}"
+    if n < PROBE_MIN_ROWS:
+        return None, f"auto: no probe under {PROBE_MIN_ROWS:,} rows"
+    return PROBE_FACTORY, (f"auto: {PROBE_FACTORY}, the top {PROBE_CANDIDATES} in a PCA-whitened 64-d space join "
+                           "the candidates")
+
+
+def _build_probe(index: Index, factory: str, n: int, seed: int, say: Callable[[str], None], progress: bool
+                 ) -> tuple[Any, int, float]:
+    """Train the probe on a seeded sample of rows 0..n-1 and add them: (faiss index, trained on, seconds)."""
+    faiss = _faiss()
+    t0 = time.perf_counter()
+    try:
+        px = faiss.index_factory(index.dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise InputError(f"probe factory {factory!r}: FAISS cannot build it ({_faiss_message(e)})") from e
+    rows = min(n, 1 << 16)
+    if not px.is_trained:
+        pick = np.sort(np.random.default_rng(seed + 2).choice(n, size=rows, replace=False))
+        say(f"training the probe {factory} on {rows:,} sampled rows")
+        try:
+            px.train(np.ascontiguousarray(index.gather(pick)))
+        except RuntimeError as e:
+            raise InputError(f"probe factory {factory!r}: training on {rows:,} rows failed "
+                             f"({_faiss_message(e)})") from e
+    _trim_pca(px)
+    _add_rows(px, index, 0, n, progress)
+    return px, rows, time.perf_counter() - t0
+
+
+def _trim_pca(fx) -> None:
+    """Drop the eigenvectors a trained PCA transform does not use: FAISS keeps all D x D (16 MiB
+    at D = 2048) though it applies only d_out x D (held in its matrix A; the kept rows are the
+    leading ones that any recomputation of A reads)."""
+    faiss = _faiss()
+    if not isinstance(faiss.downcast_index(fx), faiss.IndexPreTransform):
+        return
+    chain = faiss.downcast_index(fx).chain
+    for i in range(chain.size()):
+        t = faiss.downcast_VectorTransform(chain.at(i))
+        if isinstance(t, faiss.PCAMatrix) and t.is_trained and t.PCAMat.size() > t.d_out * t.d_in:
+            t.PCAMat.resize(t.d_out * t.d_in)
+
+
 def build(index: Index, factory: str = "auto", *, memory_budget: str | int = DEFAULT_MEMORY_BUDGET,
           sample: int | None = None, params: dict[str, int] | None = None, M: int = DEFAULT_M,
           candidates: int | None = None, target_recall: float = TARGET_RECALL, recall_queries: int = RECALL_QUERIES,
           device: str = "cpu", seed: int = 0, progress: bool = False, ef_construction: int | None = None,
+          probe: str = "auto", probe_candidates: int | None = None,
           log: Callable[[str], None] | None = None) -> BuildReport:
     """Build the index's ANN and commit it (replacing any previous one only at the commit).
 
@@ -687,6 +861,9 @@ def build(index: Index, factory: str = "auto", *, memory_budget: str | int = DEF
     ef_construction: an HNSW graph's build-time search width (FAISS's default, 40, when None):
     larger links tight clusters better, at a build time roughly proportional to it; an error for a
     factory without an HNSW graph over the rows.
+    probe: "auto" (PROBE_FACTORY when the main index is approximate, D >= PROBE_MIN_DIM and N >=
+    PROBE_MIN_ROWS), "off", or a FAISS factory string; probe_candidates: how many of its
+    candidates join by default (PROBE_CANDIDATES). Module docstring, "The probe".
     Rows appended by other writers while it builds are added under the commit's lock.
     """
     faiss = _faiss()
@@ -714,6 +891,13 @@ def build(index: Index, factory: str = "auto", *, memory_budget: str | int = DEF
         say(f"auto: {fac} ({why})")
     else:
         fac, why = factory, "given"
+    probe_fac, probe_why = _probe_choice(probe, fac, n, d)
+    if probe_fac is not None:
+        try:  # a bad probe factory fails now, not after the main index is trained
+            faiss.index_factory(d, probe_fac, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as e:
+            raise InputError(f"probe factory {probe_fac!r}: FAISS cannot build it ({_faiss_message(e)})") from e
+    probe_k = PROBE_CANDIDATES if probe_candidates is None else check_int(probe_candidates, "probe_candidates", 1)
     t_start = time.perf_counter()
     try:
         fx = faiss.index_factory(d, fac, faiss.METRIC_INNER_PRODUCT)
@@ -751,6 +935,11 @@ def build(index: Index, factory: str = "auto", *, memory_budget: str | int = DEF
     chosen, sweep, recall = _tune(fx, index, M=M, mp=mp, target=target_recall, nq=recall_queries, seed=seed,
                                   fixed=params)
     tune_s = time.perf_counter() - t0
+    px, probe_fields = None, None
+    if probe_fac is not None:
+        px, trained, secs = _build_probe(index, probe_fac, n, seed, say, progress)
+        probe_fields = {"factory": probe_fac, "requested": probe, "why": probe_why, "candidates": probe_k,
+                        "trained_on": trained, "build_seconds": round(secs, 3)}
     state = {"added": 0}
     graph = _structure(fx).get("hnsw")
     graph_efc = int(graph.hnsw.efConstruction) if graph is not None else None
@@ -759,14 +948,18 @@ def build(index: Index, factory: str = "auto", *, memory_budget: str | int = DEF
         # Under the writer lock: rows appended by others since we read n go in now.
         state["added"] = len(ix) - n
         state["add_s"] = _add_rows(fx, ix, n, len(ix), False)
+        if px is not None:
+            _add_rows(px, ix, n, len(ix), False)
         fields = {"factory": fac, "requested": factory, "why": why, "metric": "inner_product",
                   "faiss_version": faiss.__version__, "trained_on": train_rows, "sample_seed": seed,
                   "ef_construction": graph_efc,
                   "params": chosen, "recall": None if recall is None else {**recall.as_dict(), "rows": n},
                   "tuning": sweep, "target_recall": target_recall, "built": _utcnow(),
                   "build_seconds": round(time.perf_counter() - t_start, 3), "updates": []}
+        if probe_fields is not None:
+            fields["probe"] = probe_fields
         state["fields"] = fields
-        return (lambda w: faiss.write_index(fx, faiss.PyCallbackIOWriter(w.write))), fields, len(ix)
+        return _writer(fx, px, fields), fields, len(ix)
 
     record = index.commit_ann(prepare)
     meta = {**state["fields"], "dim": d}
@@ -784,19 +977,64 @@ def update(index: Index, *, progress: bool = False) -> BuildReport:
     state: dict[str, Any] = {}
 
     def prepare(ix: Index):
-        fx, meta = ix.read_ann(lambda read: faiss.read_index(faiss.PyCallbackIOReader(read)))
+        meta0 = ix.ann_meta()
+        got, meta = ix.read_ann(lambda read: _parse(read, meta0))
         start = int(meta["count"])
         state["added"] = len(ix) - start
-        state["add_s"] = _add_rows(fx, ix, start, len(ix), progress)
+        state["add_s"] = _add_rows(got.fx, ix, start, len(ix), progress)
+        if got.probe is not None:
+            _add_rows(got.probe, ix, start, len(ix), False)
         fields = {k: v for k, v in meta.items() if k not in _INDEX_FIELDS}
         fields["updates"] = list(fields.get("updates", [])) + [{"from": start, "to": len(ix), "at": _utcnow()}]
         state["fields"] = fields
-        return (lambda w: faiss.write_index(fx, faiss.PyCallbackIOWriter(w.write))), fields, len(ix)
+        return _writer(got.fx, got.probe, fields), fields, len(ix)
 
     if index.ann_state() == "fresh":
         return BuildReport(index.ann, {**index.ann_meta()}, added=0)
     record = index.commit_ann(prepare)
     return BuildReport(record, {**state["fields"], "dim": index.dim}, add_s=state["add_s"], added=state["added"])
+
+
+def set_probe(index: Index, probe: str = "auto", *, candidates: int | None = None, seed: int = 0,
+              progress: bool = False, log: Callable[[str], None] | None = None) -> BuildReport:
+    """Give the index's existing ANN a new probe (probe as in `build`), or remove it ("off"),
+    and commit the ANN again; the main index is kept as it is (rows appended meanwhile are added
+    to it, as `update` does). No retraining of the main index: minutes, not the hours a 1M graph
+    takes."""
+    if not isinstance(index, Index):
+        raise InputError(f"index must be an sgengine Index, got {type(index).__name__}")
+    if index.ann is None:
+        raise InputError(f"index {index.path} has no ANN: build one with sgengine index ann {index.path}")
+    n, d = len(index), index.dim
+    main = index.ann_meta().get("factory", "")
+    fac, why = _probe_choice(probe, main, n, d)
+    if probe == "auto" and fac is None:
+        raise InputError(f"index {index.path}: {why.removeprefix('auto: ')}; give a probe factory to force one")
+    k = PROBE_CANDIDATES if candidates is None else check_int(candidates, "probe candidates", 1)
+    say = log or (lambda _: None)
+    px, fields_probe = None, None
+    if fac is not None:
+        px, trained, secs = _build_probe(index, fac, n, seed, say, progress)
+        fields_probe = {"factory": fac, "requested": probe, "why": why, "candidates": k, "trained_on": trained,
+                        "build_seconds": round(secs, 3)}
+    state: dict[str, Any] = {}
+
+    def prepare(ix: Index):
+        meta0 = ix.ann_meta()
+        got, meta = ix.read_ann(lambda read: _parse(read, meta0))
+        start = int(meta["count"])
+        state["added"] = len(ix) - start
+        state["add_s"] = _add_rows(got.fx, ix, start, len(ix), False)
+        if px is not None:
+            _add_rows(px, ix, n, len(ix), False)
+        fields = {key: v for key, v in meta.items() if key not in _INDEX_FIELDS and key != "probe"}
+        if fields_probe is not None:
+            fields["probe"] = fields_probe
+        state["fields"] = fields
+        return _writer(got.fx, px, fields), fields, len(ix)
+
+    record = index.commit_ann(prepare)
+    return BuildReport(record, {**state["fields"], "dim": d}, add_s=state["add_s"], added=state["added"])
 
 
 def drop(index: Index) -> bool:
@@ -821,4 +1059,7 @@ def info(index: Index) -> dict | None:
            "faiss_version": meta.get("faiss_version"), "updates": len(meta.get("updates", []))}
     if meta.get("requested") == "auto":
         out["why"] = meta.get("why")
+    if meta.get("probe"):
+        pr = meta["probe"]
+        out["probe"] = {"factory": pr["factory"], "candidates": pr["candidates"], "bytes": pr["bytes"]}
     return out
