@@ -37,8 +37,13 @@ def _search_rows(path: Path) -> list[str]:
 def _ann_rows(path: Path) -> list[str]:
     d = json.loads(path.read_text())
     out = []
-    exact = d["results"][0]
+
+    def query_set(name: str) -> str | None:  # "... [ann, held-out]" -> "held-out" (older runs: one set)
+        return name.rsplit("[", 1)[1].rstrip("]").split(", ")[-1] if "[" in name else None
+
+    exacts = {query_set(r["name"]): r for r in d["results"] if r["name"].startswith("exact")}
     for r in d["results"]:
+        exact = exacts.get(query_set(r["name"]), d["results"][0])
         is_exact = r is exact
         bpr = f"{d['dim'] * (2 if d['dtype'] == 'float16' else 4):,} (rows)" if is_exact else f"{d['bytes_per_row']:,.0f} + rows"
         build = "-" if is_exact else f"{d['build_seconds']:.0f}"
