@@ -115,7 +115,8 @@ class ModeRow:
     grouping: str          # stated grouping of the set
     queries: int
     database: int
-    scores: dict           # mode name -> (mAP x 100, recall@1 x 100, per-query AP x 100)
+    scores: dict           # mode name -> (mAP x 100, recall@1 x 100, per-query AP x 100, per-query hit@1 x 100)
+    groups: list = field(default_factory=list)  # per query: its scene (the bootstrap resamples scenes)
 
 
 def _bench_on_path() -> None:
@@ -125,21 +126,44 @@ def _bench_on_path() -> None:
         sys.path.insert(0, here)
 
 
-def _score(ranks: np.ndarray, gnd) -> tuple[float, float, np.ndarray]:
+def _score(ranks: np.ndarray, gnd) -> tuple[float, float, np.ndarray, np.ndarray]:
     from sgengine.eval.metrics import compute_map
-    m, aps, mpk, _ = compute_map(np.asarray(ranks).T, gnd, (1,))
-    return m * 100, float(mpk[0]) * 100, np.asarray(aps, np.float64) * 100
+    ranks = np.asarray(ranks)
+    m, aps, mpk, _ = compute_map(ranks.T, gnd, (1,))
+    hit1 = np.array([100.0 if int(ranks[i, 0]) in set(np.asarray(g["ok"]).tolist()) else 0.0
+                     for i, g in enumerate(gnd)])
+    return m * 100, float(mpk[0]) * 100, np.asarray(aps, np.float64) * 100, hit1
+
+
+def pool(runs: list[list["ModeRow"]]) -> list["ModeRow"]:
+    """Rows of the same set from several seeds as one row over all their queries."""
+    out = []
+    for same in zip(*runs):
+        scores = {}
+        for mode in same[0].scores:
+            aps = np.concatenate([r.scores[mode][2] for r in same])
+            hit = np.concatenate([r.scores[mode][3] for r in same])
+            scores[mode] = (float(aps.mean()), float(hit.mean()), aps, hit)
+        out.append(ModeRow(same[0].name, same[0].grouping, sum(r.queries for r in same), same[0].database, scores,
+                           [g for r in same for g in r.groups]))
+    return out
 
 
 BOOTSTRAP = 10_000
 
 
-def paired_interval(a: np.ndarray, b: np.ndarray, level: float = 0.9, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of mean(a - b) over queries resampled with replacement (the
-    same queries for both modes): how far a set of this many queries pins a difference of mAP."""
+def paired_interval(a: np.ndarray, b: np.ndarray, groups=None, level: float = 0.9, seed: int = 0
+                    ) -> tuple[float, float]:
+    """Percentile bootstrap interval of mean(a - b) (the same queries for both modes), resampling
+    groups of queries with replacement: scenes, whose queries from several seeds are not
+    independent (`groups` None: every query its own group). How far a set of this many scenes
+    pins a difference of mAP."""
     d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-    idx = np.random.default_rng(seed).integers(0, len(d), size=(BOOTSTRAP, len(d)))
-    means = d[idx].mean(axis=1)
+    keys = np.arange(len(d)) if not groups else np.unique(np.asarray(groups), return_inverse=True)[1]
+    ng = int(keys.max()) + 1
+    sums, counts = np.bincount(keys, d, ng), np.bincount(keys, None, ng)
+    pick = np.random.default_rng(seed).integers(0, ng, size=(BOOTSTRAP, ng))
+    means = sums[pick].sum(axis=1) / counts[pick].sum(axis=1)
     lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
 
@@ -175,7 +199,8 @@ def photo_set_rows(bundle, root: Path, *, max_side: int | None = None, seed: int
             sizes = sorted({len(x["ok"]) for x in gnd})
             grouping = (f"{'2-3' if g == 'small' else sizes[-1]} views/scene, "
                         f"{qs.distractors} distractors{' incl. other-side' if hard else ''}")
-            rows.append(ModeRow(f"{g}{' +hard' if hard else ''}, {v} queries", grouping, len(gnd), len(index), scores))
+            rows.append(ModeRow(f"{g}{' +hard' if hard else ''}, {v} queries", grouping, len(gnd), len(index), scores,
+                                list(qs.queries)))
     return rows
 
 
@@ -208,7 +233,8 @@ def landmark_rows(views=(20.0, 40.0), n: int = 20000, dim: int = 1280, nq: int =
             scores[name] = _score(ids.numpy(), gnd)
         npos = [len(g["ok"]) for g in gnd]
         out.append(ModeRow(f"synthetic landmark-like, views {v:g}", f"{min(npos)}-{max(npos)} relevant/query "
-                           f"(median {int(np.median(npos))}), N={len(X)}, D={dim}", nq, len(X), scores))
+                           f"(median {int(np.median(npos))}), N={len(X)}, D={dim}", nq, len(X), scores,
+                           [f"seed{seed}/q{i}" for i in range(nq)]))
     return out
 
 
@@ -249,16 +275,16 @@ def modes_table(rows: list[ModeRow], synthetic: list[ModeRow], costs: list[dict]
     out = [head, "|" + "---|" * 12]
 
     def diff(r, x: str, y: str) -> str:
-        lo, hi = paired_interval(r.scores[x][2], r.scores[y][2])
+        lo, hi = paired_interval(r.scores[x][2], r.scores[y][2], r.groups)
         return f"{r.scores[x][0] - r.scores[y][0]:+.2f} [{lo:+.2f}, {hi:+.2f}]"
     for r in rows + synthetic:
         g, f, a = r.scores["global only"], r.scores["faithful"], r.scores["adaptive"]
         out.append(f"| {r.name} | {r.grouping} | {r.queries} | {r.database} | {g[0]:.2f} | {g[1]:.1f} | {f[0]:.2f} | "
                    f"{f[1]:.1f} | {a[0]:.2f} | {a[1]:.1f} | {diff(r, 'adaptive', 'global only')} | "
                    f"{diff(r, 'adaptive', 'faithful')} |")
-    out += ["", "Intervals: paired percentile bootstrap over the set's queries (10,000 resamples): the range of mean "
-            "differences that sets of this many such queries give. With 15 queries one query's AP moving by 15 points "
-            "moves mAP by 1.", "", "Targets (on the point estimates):"]
+    out += ["", "Intervals: paired percentile bootstrap (10,000 resamples) over the set's scenes (photo sets: a "
+            "scene's queries from every seed go together; synthetic: every query its own): the range of mean "
+            "differences that sets of this many scenes give.", "", "Targets (on the point estimates):"]
     worst = min(rows + synthetic, key=lambda r: r.scores["adaptive"][0] - r.scores["global only"][0])
     d = worst.scores["adaptive"][0] - worst.scores["global only"][0]
     out.append(f"- adaptive never below global-only by more than 0.5 mAP on any set: worst {d:+.2f} ({worst.name}) "
@@ -309,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--distractors", type=int, default=80, help="distractor tiles of never-queried photos (default 80)")
     p.add_argument("--max-side", type=int, default=None, help="shrink the photos to this long side first")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default=None, help="--modes: comma-separated seeds whose sets are pooled (e.g. 0,1,2)")
     p.add_argument("--K", type=int, nargs="+", default=list(DEFAULT_KS), help=f"rerank K values (default {DEFAULT_KS})")
     p.add_argument("--out", type=Path, help="also write the table to this file")
     p.add_argument("--modes", action="store_true",
@@ -363,15 +390,21 @@ def main_modes(args) -> int:
     with tempfile.TemporaryDirectory(prefix="sgengine-quality-") as tmp:
         bundle = Bundle.load(args.bundle) if args.bundle else export_default(Path(tmp) / "bundle",
                                                                               progress=lambda s: None)
-        rows = photo_set_rows(bundle, args.workdir or Path(tmp) / "photos", max_side=args.max_side, seed=args.seed)
+        base = args.workdir or Path(tmp) / "photos"
+        seeds = [int(x) for x in str(args.seeds).split(",")] if args.seeds else [args.seed]
+        # Seed 0 keeps the workdir's own name (earlier runs' files are reused); seed n uses WORKDIR_sn.
+        roots = ({sd: base if sd == 0 else base.with_name(f"{base.name}_s{sd}") for sd in seeds} if args.seeds
+                 else {args.seed: base})
+        rows = pool([photo_set_rows(bundle, roots[sd], max_side=args.max_side, seed=sd) for sd in seeds])
         model = f"{bundle.manifest['model'].get('name')} (bundle {bundle.fingerprint[:16]})"
-    synthetic = landmark_rows(seed=args.seed)
+    synthetic = pool([landmark_rows(seed=sd) for sd in seeds])
     costs = mode_costs(repeats=args.repeats, seed=args.seed)
     text = "\n".join([
         "# Rerank modes: global-only, faithful (SPEC 6) and adaptive (docs/adaptive_rerank.md)", "",
         f"`python bench/quality.py --modes` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}); photo sets: "
         f"model {model}, M = {M}, K = {K_DEFAULT}, beta = {BETA}, the engine's own index search and rerank; "
-        f"mAP and R@1 (= mP@1) x 100 (SPEC 7 AP, no junk); max_side {args.max_side}, seed {args.seed}.", "",
+        f"mAP and R@1 (= mP@1) x 100 (SPEC 7 AP, no junk); max_side {args.max_side}, seeds {seeds} (each seed: "
+        "new augmented views and new positive draws of the same scenes; its queries pooled).", "",
         modes_table(rows, synthetic, costs), "",
         f"machine: {machine_name()}; {versions()}; total {time.perf_counter() - t_all:.0f} s"])
     return _emit(text, args.out)
