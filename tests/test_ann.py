@@ -656,6 +656,14 @@ def test_cli_search_with_ann(tmp_path, capsys, bundle, photos):
     assert out["first_stage"] == "ann" and "ann" in out["timings_ms"] and len(out["queries"][0]["results"]) == 3
     assert cli_main(args + ["--ann", "off"]) == 0
     assert json.loads(capsys.readouterr().out)["first_stage"] == "exact"
+    # --ann-probe reaches the engine: refused without a probe (600 rows: auto adds none), then used.
+    assert cli_main(args + ["--ann", "require", "--ann-probe", "2"]) == 2
+    assert "has no probe" in capsys.readouterr().err
+    assert cli_main(["index", "ann", path, "--set-probe", "PCAW64,L2norm,PQ16x4fs", "--quiet"]) == 0
+    capsys.readouterr()
+    for k in ("0", "8"):
+        assert cli_main(args + ["--ann", "require", "--ann-probe", k]) == 0
+        assert json.loads(capsys.readouterr().out)["first_stage"] == "ann"
 
 
 def test_ef_construction_is_set_recorded_and_refused_without_a_graph(tmp_path, capsys):
