@@ -184,7 +184,7 @@ def rerank_cpu_fp32(q: torch.Tensor, Y: torch.Tensor, K: int = 9, beta: float = 
     """SPEC 6 steps 2-8 with the float32 Gram and torch.topk: q [nq, D], Y [nq, M', D] float32
     contiguous -> (order [nq, M'] int64, scores [nq, M'] float32). Torch only: any device.
     adaptive: the adaptive mode (docs/adaptive_rerank.md)."""
-    from ..rerank import ADAPTIVE_RANK
+    from ..rerank import ADAPTIVE_RANK, keep_expansion_order
     nq, M, D = Y.shape
     Kp = min(K + 1, M)
     order = torch.empty(nq, M, dtype=torch.int64, device=Y.device)
@@ -235,6 +235,8 @@ def rerank_cpu_fp32(q: torch.Tensor, Y: torch.Tensor, K: int = 9, beta: float = 
         if adaptive:
             s2 = torch.where(has, s2, s1)
         f = (s1 + s2).mul_(0.5)
+        if adaptive:
+            f = keep_expansion_order(f, best, member)
         fs, idx = torch.sort(f, dim=1, descending=True)
         order[a:a + b], scores[a:a + b] = idx, fs
     return order, scores

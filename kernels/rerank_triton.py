@@ -42,7 +42,7 @@ import triton.language as tl
 
 from ..cublas import cublas_fp32 as _cublas_fp32
 from ..errors import InputError
-from ..rerank import ADAPTIVE_RANK
+from ..rerank import ADAPTIVE_RANK, keep_expansion_order
 
 __all__ = ["rerank_triton", "interpreting", "PRECISIONS", "GRAMS", "MAX_CANDIDATES"]
 
@@ -337,6 +337,11 @@ def rerank_triton(q: torch.Tensor, Y: torch.Tensor, K: int = 9, beta: float = 0.
     f = torch.empty(nq, M, device=dev, dtype=torch.float32)
     _rerank_final_kernel[(nq, triton.cdiv(M, cfg["fin_rows"]))](
         s1, bv, nbr, w, wsum, f, has, M, KP=Kp, KP_PAD=cfg["kp_pad"], BLOCK_R=cfg["fin_rows"], ADAPTIVE=adaptive)
+    if adaptive:
+        # Step F: the expansion's members (the likely rows among the K' best by s1, ties to the
+        # lower column as in the expand kernel) keep their first-stage order among themselves.
+        best = torch.sort(s1, dim=1, descending=True, stable=True).indices[:, :Kp]
+        f = keep_expansion_order(f, best, torch.gather(likely, 1, best).bool())
 
     scores, order = torch.sort(f, dim=1, descending=True, stable=True)
     return order, scores

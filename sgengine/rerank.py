@@ -6,7 +6,8 @@
 Modes (`MODES`): "faithful" is SPEC 6 exactly, the default. "adaptive" (docs/adaptive_rerank.md)
 lets a neighbour into a candidate's refined descriptor only when it is at least as similar to the
 candidate as the query is, and a candidate into the expansion only when the query ranks among its
-`ADAPTIVE_RANK` nearest other candidates; with neither, a candidate keeps its first-stage score.
+`ADAPTIVE_RANK` nearest other candidates, and the expansion's members keep their first-stage order
+among themselves (`keep_expansion_order`); with neither, a candidate keeps its first-stage score.
 Every implementation runs both (`adaptive=` on the functions below).
 
 Implementations (`IMPLS`; the same names in `Engine.describe()`, the benchmark providers and the
@@ -46,6 +47,7 @@ __all__ = [
     "IMPLS",
     "MODES",
     "ADAPTIVE_RANK",
+    "keep_expansion_order",
     "check_mode",
     "rerank_setting",
     "resolve_impl",
@@ -67,7 +69,24 @@ MODES = ("faithful", "adaptive")
 # least as similar to it as its ADAPTIVE_RANK-th nearest other candidate: q . y_j >= G[j, n_jr] with
 # r = min(ADAPTIVE_RANK, K' - 1) (slot 0 is the row itself). Derived and measured in
 # docs/adaptive_rerank.md.
-ADAPTIVE_RANK = 2
+ADAPTIVE_RANK = 3
+
+
+def keep_expansion_order(f: torch.Tensor, pos: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
+    """The adaptive mode's step F (docs/adaptive_rerank.md): the expansion's members keep their
+    first-stage order among themselves. f [b, M'] final scores; pos [b, K'] positions of the K'
+    best by s1 (any order); member [b, K'] bool, the ones that joined the expansion. Returns f with
+    the members' values sorted descending and handed out to the members in ascending position
+    (first-stage order); other entries unchanged."""
+    big = torch.iinfo(torch.int64).max
+    p_sorted = torch.sort(torch.where(member, pos.to(torch.int64), big), dim=1).values
+    vals = torch.where(member, torch.gather(f, 1, pos.to(torch.int64)), float("-inf"))
+    v_sorted = torch.sort(vals, dim=1, descending=True).values
+    valid = p_sorted != big
+    out = f.clone()
+    rows = torch.arange(f.shape[0], device=f.device)[:, None].expand_as(p_sorted)
+    out[rows[valid], p_sorted[valid]] = v_sorted[valid]
+    return out
 
 
 def check_mode(mode) -> bool:
@@ -147,6 +166,8 @@ def _reference_chunk(qb: torch.Tensor, Yb: torch.Tensor, Kp: int, beta: float, a
         s2 = torch.where(has[:, None], torch.bmm(Yr, qe[:, :, None]).squeeze(2), s1)
     # 8. Final score and order.
     f = (s1 + s2) / 2
+    if adaptive:
+        f = keep_expansion_order(f, o, member)
     fs, idx = torch.sort(f, dim=1, descending=True)
     order[:], scores[:] = idx, fs
 
@@ -195,6 +216,11 @@ def rerank_loop_chain(q, Y, K: int = 9, beta: float = 0.15, *, dtype: torch.dtyp
         else:
             s2 = s1
         f = (s1 + s2) / 2
+        if adaptive and len(top) > 1:  # the members keep their first-stage order among themselves
+            ranked = sorted((float(f[t]) for t in top), reverse=True)
+            f = f.clone()
+            for t, val in zip(sorted(top), ranked):
+                f[t] = val
         o = torch.argsort(f, descending=True)
         order[i], scores[i] = o, f[o]
     return order, scores

@@ -560,3 +560,40 @@ def test_compare_group_at_the_cut():
     assert not rankings_agree([1, 2], [0.5, 0.4], [2, 1], [0.5, 0.4], truncated=False)[0]
     with pytest.raises(AssertionError, match="ctx: query 0"):
         assert_rankings_agree([1, 2], [0.5, 0.4], [2, 1], [0.5, 0.4], context="ctx")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_adaptive_expansion_members_keep_their_first_stage_order(seed):
+    # Step F (docs/adaptive_rerank.md): among the expansion's members E (the likely relevant of
+    # the K' best by s1), the output order is their first-stage order; their f values are the
+    # ones the expansion gave them, handed out in that order. E is computed here in float64 from
+    # the rule's prose; queries whose decisions sit within rounding are skipped (ill-posed).
+    g = torch.Generator().manual_seed(seed)
+    nq, M, D, K, beta = 24, 80, 16, 9, 0.15
+    Y = torch.randn(nq, M, D, generator=g)
+    Y /= Y.norm(dim=2, keepdim=True)
+    q = Y[:, 0] + 0.5 * torch.randn(nq, D, generator=g)
+    q /= q.norm(dim=1, keepdim=True)
+    ok = ~ill_posed_expansion(q, Y, K, beta, adaptive=True)
+    Kp = K + 1
+    Yd, qd = Y.double(), q.double()
+    G = Yd @ Yd.transpose(1, 2)
+    v, n = torch.topk(G, Kp, dim=2)
+    d = torch.einsum("bmd,bd->bm", Yd, qd)
+    w = torch.where(v < d[:, :, None], 0.0, beta * v)
+    w[..., 0] = 1.0
+    s1 = (w * torch.gather(d, 1, n.flatten(1)).view(nq, M, Kp)).sum(2) / w.sum(2)
+    best = torch.argsort(s1, dim=1, descending=True)[:, :Kp]
+    likely = d >= v[..., min(ADAPTIVE_RANK, Kp - 1)]
+    members = [sorted(int(t) for t in best[i] if likely[i, t]) for i in range(nq)]
+    checked = 0
+    for impl in _cpu_impls():
+        o, f = rerank_candidates(q, Y, K, beta, impl=impl, mode="adaptive")
+        for i in range(nq):
+            if not ok[i] or len(members[i]) < 2:
+                continue
+            rank = {int(r): j for j, r in enumerate(o[i])}
+            got = sorted(members[i], key=lambda t: rank[t])
+            assert got == members[i], f"seed {seed}, {impl}, query {i}: members in output order {got}"
+            checked += 1
+    assert checked >= 10, "too few queries with two or more members: the draw tests nothing"

@@ -704,6 +704,8 @@ struct FinishJob {
   int64_t* order;      // [b, M]
   float* scores;       // [b, M]
   uint8_t* has;        // scratch [b]: the expansion has a row (always, in the faithful mode)
+  int32_t* mem;        // scratch [b, Kp]: positions of the expansion's members (adaptive mode)
+  int64_t* nmem;       // scratch [b]: how many
   float beta;
   int64_t b, M, D, Kp;
   int64_t likely_slot;  // -1: faithful; else the adaptive mode's slot
@@ -741,6 +743,7 @@ void finish_expand(const FinishJob& jb, int64_t q, std::vector<std::pair<float, 
   for (int64_t t = 0; t < Kp; ++t) {
     const int64_t i = q * M + tmp[t].second;
     if (adaptive && !(jb.d[i] >= jb.v[i * Kp + jb.likely_slot])) continue;
+    jb.mem[q * Kp + members] = tmp[t].second;
     std::fill(acc.begin(), acc.end(), 0.0f);
     for (int64_t k = 0; k < Kp; ++k) {
       const float wk = jb.w[i * Kp + k];
@@ -755,6 +758,7 @@ void finish_expand(const FinishJob& jb, int64_t q, std::vector<std::pair<float, 
     ++members;
   }
   jb.has[q] = members > 0;
+  jb.nmem[q] = members;
   if (!members) std::fill(qe, qe + D, 0.0f);
 }
 
@@ -770,6 +774,17 @@ void finish_order(const FinishJob& jb, int64_t q, std::vector<std::pair<float, i
     const float s2 = jb.has[q] ? s / jb.wsum[i] : jb.s1[i];
     tmp[i - q * M] = {(jb.s1[i] + s2) * 0.5f, static_cast<int32_t>(i - q * M)};
   }
+  // Adaptive step F: the expansion's members keep their first-stage order among themselves (their
+  // f values, sorted descending, go to them in ascending position).
+  const int64_t nm = jb.likely_slot >= 0 ? jb.nmem[q] : 0;
+  if (nm > 1) {
+    std::vector<int32_t> pos(jb.mem + q * Kp, jb.mem + q * Kp + nm);
+    std::vector<float> val(static_cast<size_t>(nm));
+    for (int64_t t = 0; t < nm; ++t) val[t] = tmp[pos[t]].first;
+    std::sort(pos.begin(), pos.end());
+    std::sort(val.begin(), val.end(), std::greater<float>());
+    for (int64_t t = 0; t < nm; ++t) tmp[pos[t]].first = val[t];
+  }
   std::sort(tmp.begin(), tmp.end(), [](const std::pair<float, int32_t>& x, const std::pair<float, int32_t>& y) {
     return x.first > y.first || (x.first == y.first && x.second < y.second);
   });
@@ -783,8 +798,12 @@ void finish_order(const FinishJob& jb, int64_t q, std::vector<std::pair<float, i
 struct FinishScratch {
   std::vector<float> w, wsum, s1, qe, e;
   std::vector<uint8_t> has;
+  std::vector<int32_t> mem;
+  std::vector<int64_t> nmem;
   void size(int64_t b, int64_t M, int64_t D, int64_t Kp) {
     has.resize(static_cast<size_t>(b));
+    mem.resize(static_cast<size_t>(b * Kp));
+    nmem.resize(static_cast<size_t>(b));
     w.resize(static_cast<size_t>(b * M * Kp));
     wsum.resize(static_cast<size_t>(b * M));
     s1.resize(static_cast<size_t>(b * M));
@@ -798,7 +817,7 @@ void finish_impl(const float* v, const int64_t* n, const float* d, const float* 
                  const Kernels& kn, FinishScratch& fs) {
   fs.size(b, M, D, Kp);
   FinishJob jb{v, n, d, y, fs.w.data(), fs.wsum.data(), fs.s1.data(), fs.qe.data(), fs.e.data(), order, scores,
-               fs.has.data(), static_cast<float>(beta), b, M, D, Kp, likely_slot};
+               fs.has.data(), fs.mem.data(), fs.nmem.data(), static_cast<float>(beta), b, M, D, Kp, likely_slot};
   run_threads<int>(b, threads, [&](int64_t s, int64_t t) {
     std::vector<std::pair<float, int32_t>> tmp;
     for (int64_t q = s; q < t; ++q) finish_expand(jb, q, tmp);
