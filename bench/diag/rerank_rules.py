@@ -5,7 +5,7 @@
 
 A plain PyTorch transcription of SPEC 6 with the adaptive mode's tests and switches for the
 variants tried in session 4 (not the engine's code: for choosing a rule, not for serving one):
-  adaptive       the mode as shipped (ADAPTIVE_RANK = 2)
+  adaptive       the session-3 mode (r = 2, no step F); "r3+keepE" is the mode shipped since session 4
   rN             the likely-relevant test against the N-th nearest other candidate (r3, r1 ...)
   keepE          the expansion's members keep their first-stage order among themselves: their
                  final scores are redistributed among them in first-stage order (the expansion
