@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"its top {pr['candidates']} join the candidates")
     sets = [("held-out", queries)]
     if a.fresh:
-        sets.append((f"fresh views", _fresh(work, a.rows, a.queries, a.dim, 1, a.fresh)))
+        sets.append(("fresh views", _fresh(work, a.rows, a.queries, a.dim, 1, a.fresh)))
 
     exact = Engine.load(bundle, index=index, ann="off")
     exact_runs = {name: _run(exact, qs) for name, qs in sets}
@@ -174,34 +174,33 @@ def main(argv: list[str] | None = None) -> int:
     tuned = {k: v for k, v in (meta.get("params") or {}).items() if k != "probe"}
     key = next(iter(tuned), "nprobe")  # nprobe for IVF, efSearch for HNSW
     sweeps = [tuned] + [{key: int(v)} for v in a.sweep.split(",") if v and {key: int(v)} != tuned]
-    probes = [{}, {"probe": 0}] if pr else [{}]
-    annobj = ann_stage.Ann.load(index)
+    # Every setting, with and without the probe: (label, engine ann_params, the Ann's params).
+    settings = []
     for params in sweeps:
-        for pp in probes:
-            full = {**params, **pp}
-            annobj.set_params({**full, **({"probe": pr["candidates"]} if pr and not pp else {})})
-            eng = Engine.load(bundle, index=index, ann="require", ann_params=full or None)
-            label = ", ".join(f"{k}={v}" for k, v in params.items()) or "default"
-            label += ("" if not pr else ", no probe" if pp else f", probe {pr['candidates']}")
-            if params == tuned:
-                label += " (tuned)" if meta.get("recall") else " (as built)"
-            for name, qs in sets:
-                rec = ann_stage.measure_recall(index, annobj, qs, M=M)
-                ids, ms, stage = _run(eng, qs)
-                overlap = float(np.mean([len(set(x) & set(y)) / K_TOP for x, y in zip(ids, exact_runs[name][0])]))
-                table.append((f"ANN {label} [{stage}, {name}]", rec.recall, overlap, ms))
-            del eng
+        for pp in ([{}, {"probe": 0}] if pr else [{}]):
+            label = (", ".join(f"{k}={v}" for k, v in params.items()) or "default") + \
+                ("" if not pr else ", no probe" if pp else f", probe {pr['candidates']}")
+            settings.append((label, {**params, **pp}, {**params, "probe": pr["candidates"] if not pp else 0}
+                             if pr else params))
+    annobj = ann_stage.Ann.load(index)
+    for label, full, ann_params in settings:
+        annobj.set_params(ann_params)
+        eng = Engine.load(bundle, index=index, ann="require", ann_params=full or None)
+        if {k: v for k, v in full.items() if k != "probe"} == tuned:
+            label += " (tuned)" if meta.get("recall") else " (as built)"
+        for name, qs in sets:
+            rec = ann_stage.measure_recall(index, annobj, qs, M=M)
+            ids, ms, stage = _run(eng, qs)
+            overlap = float(np.mean([len(set(x) & set(y)) / K_TOP for x, y in zip(ids, exact_runs[name][0])]))
+            table.append((f"ANN {label} [{stage}, {name}]", rec.recall, overlap, ms))
+        del eng
     # Timing side by side: every setting's engine on the same query in turn, `--rounds` passes
     # over the held-out queries (the table's sequential medians drift with the machine's state).
     inter = []
     if a.rounds:
         engines = {"exact": Engine.load(bundle, index=index, ann="off")}
-        for params in sweeps:
-            for pp in probes:
-                full = {**params, **pp}
-                label = ", ".join(f"{k}={v}" for k, v in params.items()) or "default"
-                engines[label + ("" if not pr else ", no probe" if pp else f", probe {pr['candidates']}")] = \
-                    Engine.load(bundle, index=index, ann="require", ann_params=full or None)
+        for label, full, _ in settings:
+            engines[label] = Engine.load(bundle, index=index, ann="require", ann_params=full or None)
         times: dict[str, list[float]] = {k: [] for k in engines}
         parts: dict[str, dict[str, list[float]]] = {k: {} for k in engines}
         for e in engines.values():

@@ -19,7 +19,6 @@ for a in range(0, n, 1 << 17):
 Z /= np.linalg.norm(Z, axis=1, keepdims=True)
 qz = (q - mu) @ P; qz /= np.linalg.norm(qz, axis=1, keepdims=True)
 S = qz @ Z.T
-exact = q @ np.asarray(ix.gather(np.unique(gt.ravel())), np.float32).T
 for i in range(len(q)):
     miss = [int(r) for r in gt[i, :400] if r not in set(I[i])]
     if not miss: continue

@@ -80,7 +80,7 @@ from ..index import Index
 
 __all__ = ["Ann", "build", "update", "set_probe", "drop", "info", "measure_recall", "choose_factory", "parse_bytes",
            "default_candidates", "resolve_device", "set_threads", "BuildReport", "RecallReport", "FactoryChoice",
-           "MODES", "DEVICES", "PROBES", "PROBE_FACTORY", "PROBE_CANDIDATES",
+           "MODES", "DEVICES", "PROBE_FACTORY", "PROBE_CANDIDATES",
            "DEFAULT_MEMORY_BUDGET", "DEFAULT_M", "TARGET_RECALL", "CANDIDATE_FACTOR"]
 
 MODES = ("auto", "require", "off")  # Engine.load(ann=...): module docstring
@@ -100,7 +100,6 @@ _PQ_M = (256, 128, 64, 48, 32, 24, 16, 8, 4)
 # The probe (module docstring, "The probe"): a second, tiny FAISS index over the same rows in a
 # PCA-whitened space, exhaustively scanned with 4-bit fast-scan codes; its top PROBE_CANDIDATES
 # join the main ANN's candidates.
-PROBES = ("auto", "off")
 PROBE_FACTORY = "PCAW64,L2norm,PQ32x4fs"
 PROBE_CANDIDATES = 32
 PROBE_MIN_DIM = 128   # whitening to 64 dimensions must reduce D at least twofold
@@ -381,10 +380,25 @@ def _read_shared(index: Index) -> tuple[_Loaded, dict]:
         got = hit[1]() if hit is not None and hit[0] == sha else None
         if got is not None:
             return got, index.ann_meta()
-        meta0 = index.ann_meta()
-        got, meta = index.read_ann(lambda read: _parse(read, meta0))
+        got, meta = _read_parsed(index)
         _SHARED[index] = (sha, weakref.ref(got))
         return got, meta
+
+
+def _read_parsed(index: Index) -> tuple[_Loaded, dict]:
+    """Verify and parse the index's ANN file (Index.read_ann, then _parse with its sidecar)."""
+    meta = index.ann_meta()
+    return index.read_ann(lambda read: _parse(read, meta))
+
+
+def _caught_up(ix: Index, progress: bool, state: dict) -> tuple[_Loaded, dict, int]:
+    """Under commit_ann's lock: the committed ANN, its main index given the rows appended since it
+    was written; (loaded, sidecar, the row count it covered). Fills state["added"], ["add_s"]."""
+    got, meta = _read_parsed(ix)
+    start = int(meta["count"])
+    state["added"] = len(ix) - start
+    state["add_s"] = _add_rows(got.fx, ix, start, len(ix), progress)
+    return got, meta, start
 
 
 def _writer(fx, probe, fields: dict) -> Callable[[Any], None]:
@@ -969,7 +983,6 @@ def build(index: Index, factory: str = "auto", *, memory_budget: str | int = DEF
 def update(index: Index, *, progress: bool = False) -> BuildReport:
     """Add the rows appended since the ANN was built or last updated (no retraining) and commit
     it again. A fresh ANN is left alone (nothing is written)."""
-    faiss = _faiss()
     if not isinstance(index, Index):
         raise InputError(f"index must be an sgengine Index, got {type(index).__name__}")
     if index.ann is None:
@@ -977,11 +990,7 @@ def update(index: Index, *, progress: bool = False) -> BuildReport:
     state: dict[str, Any] = {}
 
     def prepare(ix: Index):
-        meta0 = ix.ann_meta()
-        got, meta = ix.read_ann(lambda read: _parse(read, meta0))
-        start = int(meta["count"])
-        state["added"] = len(ix) - start
-        state["add_s"] = _add_rows(got.fx, ix, start, len(ix), progress)
+        got, meta, start = _caught_up(ix, progress, state)
         if got.probe is not None:
             _add_rows(got.probe, ix, start, len(ix), False)
         fields = {k: v for k, v in meta.items() if k not in _INDEX_FIELDS}
@@ -1020,11 +1029,7 @@ def set_probe(index: Index, probe: str = "auto", *, candidates: int | None = Non
     state: dict[str, Any] = {}
 
     def prepare(ix: Index):
-        meta0 = ix.ann_meta()
-        got, meta = ix.read_ann(lambda read: _parse(read, meta0))
-        start = int(meta["count"])
-        state["added"] = len(ix) - start
-        state["add_s"] = _add_rows(got.fx, ix, start, len(ix), False)
+        got, meta, _ = _caught_up(ix, False, state)
         if px is not None:
             _add_rows(px, ix, n, len(ix), False)
         fields = {key: v for key, v in meta.items() if key not in _INDEX_FIELDS and key != "probe"}
