@@ -192,6 +192,12 @@ def rerank_cpu_fp32(q: torch.Tensor, Y: torch.Tensor, K: int = 9, beta: float = 
     blocks = min(_SYM_BLOCKS, M) if M >= SYM_MIN_M and Y.device.type == "cpu" else 1
     step = max(1, _GRAM_CHUNK_BYTES // (4 * M * M))
     G_buf = _scratch("G", (min(step, nq), M, M), Y.dtype, Y.device)
+    # Final scores of every query; step F and the sort run once over all of them after the loop
+    # (with M' = 400 a chunk is one query, and per-chunk small ops cost more than the work).
+    f_all = torch.empty(nq, M, dtype=torch.float32, device=Y.device)
+    if adaptive:
+        best_all = torch.empty(nq, Kp, dtype=torch.int64, device=Y.device)
+        member_all = torch.empty(nq, Kp, dtype=torch.bool, device=Y.device)
     for a in range(0, nq, step):
         qb, Yb = q[a:a + step], Y[a:a + step]
         b = Yb.shape[0]
@@ -205,10 +211,9 @@ def rerank_cpu_fp32(q: torch.Tensor, Y: torch.Tensor, K: int = 9, beta: float = 
             likely = d >= v[..., min(ADAPTIVE_RANK, Kp - 1)]  # [b, M]: may join the expansion
             weak = v < d[:, :, None]  # neighbours less similar to the row than the query is
         w = v.mul_(beta)
-        w[..., 0] = 1.0  # slot 0 weight forced to 1 (SPEC quirk, even for a duplicate)
         if adaptive:
-            weak[..., 0] = False
             w.masked_fill_(weak, 0.0)
+        w[..., 0] = 1.0  # slot 0 weight forced to 1 (SPEC quirk, even for a duplicate)
         wsum = w.sum(dim=2)  # [b, M]
         n_flat = n.view(b, M * Kp)
         s1 = (w * torch.gather(d, 1, n_flat).view(b, M, Kp)).sum(dim=2).div_(wsum)
@@ -234,11 +239,12 @@ def rerank_cpu_fp32(q: torch.Tensor, Y: torch.Tensor, K: int = 9, beta: float = 
         s2 = (w * torch.gather(e, 1, n_flat).view(b, M, Kp)).sum(dim=2).div_(wsum)
         if adaptive:
             s2 = torch.where(has, s2, s1)
-        f = (s1 + s2).mul_(0.5)
+        torch.add(s1, s2, out=f_all[a:a + b]).mul_(0.5)
         if adaptive:
-            f = keep_expansion_order(f, best, member)
-        fs, idx = torch.sort(f, dim=1, descending=True)
-        order[a:a + b], scores[a:a + b] = idx, fs
+            best_all[a:a + b], member_all[a:a + b] = best, member
+    if adaptive:
+        f_all = keep_expansion_order(f_all, best_all, member_all)
+    torch.sort(f_all, dim=1, descending=True, out=(scores, order))
     return order, scores
 
 
