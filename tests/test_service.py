@@ -28,6 +28,7 @@ pytest.importorskip("starlette", reason="the serve extra (pip install 'sgengine[
 
 from sgengine import Engine, Index  # noqa: E402
 from sgengine.compare import assert_rankings_agree  # noqa: E402
+from sgengine.errors import InputError  # noqa: E402
 from sgengine.indexing import build_index  # noqa: E402
 from sgengine.service.app import ServiceConfig, create_app  # noqa: E402
 
@@ -237,6 +238,32 @@ def test_concurrent_requests_are_batched_and_match_the_engine(engine, photos):
 
 
 # ---------------------------------------------------------------- limits
+def test_server_default_rerank_applies_where_a_search_names_none(engine, photo_dir):
+    """--rerank adaptive: a search without rerank runs the adaptive mode (and says so); one that names
+    a mode gets that mode; /describe shows the setting."""
+    queries = np.concatenate([engine.embed(photo_dir / n / "rot.jpg") for n in NAMES])
+    mixed = (queries[:-1] + queries[1:]) / 2  # between two scenes: where the two modes part
+    queries = np.concatenate([queries, mixed / np.linalg.norm(mixed, axis=1, keepdims=True)])
+    n = len(engine.index)
+    faithful = engine.search(queries, k=n, rerank=True)
+    adaptive = engine.search(queries, k=n, rerank="adaptive")
+    differ = [i for i in range(len(queries)) if faithful[i].ids != adaptive[i].ids]
+    assert differ, "no query where the modes differ: the test would not tell them apart"
+    with live_server(engine, rerank="adaptive") as url:
+        for i in differ:
+            status, _, got = post_json(url, "/search", {"descriptor": queries[i].tolist(), "k": n})
+            assert status == 200 and got["rerank"] == "adaptive"
+            assert got["ids"] == adaptive[i].ids
+            status, _, got = post_json(url, "/search", {"descriptor": queries[i].tolist(), "k": n, "rerank": True})
+            assert status == 200 and got["rerank"] == "faithful" and got["ids"] == faithful[i].ids
+        status, _, got = post_json(url, "/search?rerank=false", {"descriptor": queries[0].tolist(), "k": 3})
+        assert status == 200 and got["rerank"] == "off" and "rerank" not in got["timings_ms"]
+        status, _, info = request(url, "GET", "/describe")
+        assert status == 200 and json.loads(info)["service"]["rerank"] == "adaptive"
+    with pytest.raises(InputError, match="rerank must be one of faithful, adaptive, off"):
+        ServiceConfig(rerank="sometimes")
+
+
 def test_bad_input_gets_400_or_422_with_the_message(server, engine):
     d = [0.0] * engine.dim
     cases = [

@@ -18,7 +18,7 @@ webdriver = pytest.importorskip("selenium.webdriver", reason="selenium (the serv
 
 from selenium.webdriver.chrome.service import Service as ChromeService  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 from sgengine import Engine  # noqa: E402
 from sgengine.indexing import build_index  # noqa: E402
@@ -121,3 +121,16 @@ def test_page_shows_the_photo_first_before_and_after_reranking(browser, served, 
     for stage in ("embed", "search", "rerank"):
         assert stage in stages, stages
     assert shot.stat().st_size > 10_000
+    assert browser.find_element(By.ID, "reranked-title").text.endswith("(faithful)")  # the server's default
+
+    # The page's rerank choice: adaptive, the same photo again.
+    Select(browser.find_element(By.ID, "mode")).select_by_value("adaptive")
+    browser.execute_script("document.body.dataset.state = 'idle'; arguments[0].value = '';",
+                           browser.find_element(By.ID, "file"))
+    browser.find_element(By.ID, "file").send_keys(str(query))
+    WebDriverWait(browser, 90).until(
+        lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error"))
+    assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done"
+    assert browser.find_element(By.ID, "reranked-title").text.endswith("(adaptive)")
+    hits = browser.find_elements(By.CSS_SELECTOR, "#reranked .hit")
+    assert [h.get_attribute("data-id") for h in hits] == engine.search(query, k=8, rerank="adaptive")[0].ids

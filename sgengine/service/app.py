@@ -58,6 +58,7 @@ class ServiceConfig:
     max_pixels: int = 40_000_000
     token: str | None = None
     images: str | None = None  # the folder the index was built from: thumbnails for the page
+    rerank: str = "faithful"  # the mode of a search that names none: faithful, adaptive or off
 
     def __post_init__(self) -> None:
         check_int(self.max_batch, "max_batch", 1)
@@ -70,6 +71,8 @@ class ServiceConfig:
             raise InputError(f"timeout must be > 0 seconds, got {self.timeout}")
         if self.token is not None and not self.token.strip():
             raise InputError("token must not be empty: give a token, or none to serve without one")
+        if self.rerank not in RERANK_SETTINGS:
+            raise InputError(f"rerank must be one of {', '.join(RERANK_SETTINGS)}, got {self.rerank!r}")
         if self.images is not None and not Path(self.images).is_dir():
             raise InputError(f"images folder {self.images}: not a directory (give the folder the index was built from)")
 
@@ -88,12 +91,21 @@ class ServiceError(Exception):
 
 
 PARAMS = ("k", "rerank", "M", "K", "beta")
+# The server-wide default (--rerank) and what each means to Engine.search's rerank=.
+RERANK_SETTINGS = {"faithful": True, "adaptive": "adaptive", "off": False}
+
+
+def rerank_name(value: bool | str) -> str:
+    """The mode a search ran with, as the response reports it: faithful, adaptive or off."""
+    return "adaptive" if value == "adaptive" else "faithful" if value is True else "off"
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
-def parse_params(query: dict[str, str], body: dict[str, Any], n_index: int) -> SearchParams:
+def parse_params(query: dict[str, str], body: dict[str, Any], n_index: int,
+                 default_rerank: bool | str = True) -> SearchParams:
     """Search parameters from the query string (strings) and a JSON body (typed values); a name in
-    both, or an unknown name, is an error. Ranges are the engine's (sgengine._checks)."""
+    both, or an unknown name, is an error. Ranges are the engine's (sgengine._checks). A search
+    that names no rerank gets `default_rerank` (the server's --rerank)."""
     unknown = sorted(set(query) - set(PARAMS))
     if unknown:
         raise InputError(f"unknown query parameter(s) {', '.join(unknown)}: the parameters are {', '.join(PARAMS)}")
@@ -113,7 +125,7 @@ def parse_params(query: dict[str, str], body: dict[str, Any], n_index: int) -> S
             except ValueError:
                 raise InputError(f"{name} must be {'a real number' if kind is float else 'an integer'}, "
                                  f"got {s!r}") from None
-    rerank = v.get("rerank", True)
+    rerank = v.get("rerank", default_rerank)
     if not isinstance(rerank, bool) and rerank != "adaptive":
         raise InputError(f"rerank must be true, false or \"adaptive\" (docs/adaptive_rerank.md), got {rerank!r}")
     return SearchParams(
@@ -275,13 +287,16 @@ class Service:
             decode_ms = (time.perf_counter() - t) * 1e3
             job = Job(decoded, None, params)
         result = await asyncio.wrap_future(admission.submit(job))
+        if job.params is not None:
+            result["rerank"] = rerank_name(job.params.rerank)
         if decode_ms:
             result["timings"] = {"decode": decode_ms, **result["timings"]}
         return result
 
     def _params(self, query: dict, body: dict) -> SearchParams:
         try:
-            return parse_params(query, body, len(self.engine.index) if self.engine.index is not None else 0)
+            return parse_params(query, body, len(self.engine.index) if self.engine.index is not None else 0,
+                                RERANK_SETTINGS[self.config.rerank])
         except InputError as e:
             raise ServiceError(400, "bad_request", str(e)) from None
 
@@ -319,7 +334,7 @@ def _result_json(r: dict) -> dict:
            "batch_size": r["batch_size"]}
     if "ids" in r:
         out.update(ids=list(r["ids"]), rows=[int(x) for x in r["rows"]], scores=[float(x) for x in r["scores"]],
-                   first_stage=r["first_stage"])
+                   first_stage=r["first_stage"], rerank=r.get("rerank"))
     else:
         out.update(descriptor=[float(x) for x in r["descriptor"]], dim=len(r["descriptor"]))
     return out

@@ -37,6 +37,9 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image, from its header (default 40 MP)")
     p.add_argument("--token", default=None, help="bearer token required for every endpoint but /healthz, /readyz "
                    "and the page (default: $SGENGINE_TOKEN, or none)")
+    p.add_argument("--rerank", default="faithful", choices=("faithful", "adaptive", "off"),
+                   help="the rerank of a search that names none (default faithful, SPEC 6 as published; adaptive "
+                   "for collections with few matches per query, docs/adaptive_rerank.md; off = global only)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="deploy as Ray Serve replicas (pip install 'sgengine[ray]'): a new local cluster, or the "
@@ -66,7 +69,7 @@ def service_config(a, images: str | None):
     return ServiceConfig(max_batch=a.max_batch, max_delay=a.max_delay_ms / 1e3, queue=a.queue, timeout=a.timeout,
                          max_body_bytes=a.max_body_bytes, max_pixels=a.max_pixels,
                          token=a.token if a.token is not None else os.environ.get("SGENGINE_TOKEN") or None,
-                         images=images)
+                         images=images, rerank=a.rerank)
 
 
 def engine_kwargs(a) -> dict:
