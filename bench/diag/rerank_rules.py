@@ -13,7 +13,13 @@ variants tried in session 4 (not the engine's code: for choosing a rule, not for
   eminN          the expansion only with >= N likely relevant members among the K' best
   +q             q inside the expansion's elementwise max
   dmix           f = (d + s1 + s2) / 3
-Names combine: r3+keepE, emin4+keepE. Sets: sgengine.eval.photo_groups at full size and at 224 px
+  anc            (session 5) the expansion keeps only its anchor a (the member with the largest d) and
+                 the members t at least as similar to a as to the query, G[t, a] >= d_t: one of two
+                 lookalike groups
+  ancv           (session 5) the same with "a is among t's K' nearest candidates" as the test
+  A2             (session 5) a neighbour takes part in a candidate's refinement only when it is also at
+                 least as similar to the candidate as to the query (v_ij >= d_i and v_ij >= d_n)
+Names combine: r3+keepE, emin4+keepE, r3+keepE+anc. Sets: sgengine.eval.photo_groups at full size and at 224 px
 (seed n: new augmented views and positive draws of the same scenes, files under DIR/photos[224]_sn,
 descriptors cached in DIR), plus bench/datagen.py landmark-like sets; per set the mAP over all
 seeds' queries. Prints the table and, per variant, the issue's three checks.
@@ -43,7 +49,10 @@ def rerank(q, Y, var: str, K: int = 9, beta: float = 0.15, r: int = 2):
     w = beta * v
     w[..., 0] = 1.0
     if var != "faithful":
-        w[..., 1:] = torch.where(v[..., 1:] >= d[:, :, None], w[..., 1:], 0.0)
+        admit = v[..., 1:] >= d[:, :, None]
+        if "A2" in var.split("+"):
+            admit &= v[..., 1:] >= torch.gather(d, 1, n[..., 1:].reshape(nq, -1)).view(nq, M, Kp - 1)
+        w[..., 1:] = torch.where(admit, w[..., 1:], 0.0)
     Yr = torch.zeros_like(Y)
     for j in range(Kp):
         Yr += w[..., j:j + 1] * Y[b, n[..., j]]
@@ -52,6 +61,13 @@ def rerank(q, Y, var: str, K: int = 9, beta: float = 0.15, r: int = 2):
     o = torch.argsort(s1, dim=1, descending=True)[:, :Kp]
     member = (torch.ones(nq, Kp, dtype=torch.bool) if var == "faithful"
               else torch.gather(d >= v[..., min(r, Kp - 1)], 1, o))
+    if {"anc", "ancv"} & set(var.split("+")):
+        a = torch.where(member, o, M).min(1).values.clamp(max=M - 1)  # the member with the largest d
+        if "anc" in var.split("+"):
+            near = torch.gather(G[b.squeeze(1), a], 1, o) >= torch.gather(d, 1, o)
+        else:
+            near = (torch.gather(n, 1, o[:, :, None].expand(-1, -1, Kp)) == a[:, None, None]).any(2)
+        member = member & (near | (o == a[:, None]))
     sel = Yr[b, o].masked_fill(~member[:, :, None], float("-inf"))
     if "+q" in var:
         sel = torch.cat([sel, q[:, None, :]], 1)
