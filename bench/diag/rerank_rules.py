@@ -18,6 +18,8 @@ variants tried in session 4 (not the engine's code: for choosing a rule, not for
                  lookalike groups
   ancv           (session 5) the same with "a is among t's K' nearest candidates" as the test
   noA            (session 5) step A as SPEC 6 (every neighbour takes part): only the expansion adapts
+  Alr            (session 5) step A's test only for likely relevant candidates (C); the others take
+                 every neighbour, as SPEC 6
   A2             (session 5) a neighbour takes part in a candidate's refinement only when it is also at
                  least as similar to the candidate as to the query (v_ij >= d_i and v_ij >= d_n)
 Names combine: r3+keepE, emin4+keepE, r3+keepE+anc. Sets: sgengine.eval.photo_groups at full size and at 224 px
@@ -51,6 +53,8 @@ def rerank(q, Y, var: str, K: int = 9, beta: float = 0.15, r: int = 2):
     w[..., 0] = 1.0
     if var != "faithful" and "noA" not in var.split("+"):
         admit = v[..., 1:] >= d[:, :, None]
+        if "Alr" in var.split("+"):  # step A only for likely relevant candidates; the others as SPEC 6
+            admit |= ~(d >= v[..., min(r, Kp - 1)])[:, :, None]
         if "A2" in var.split("+"):
             admit &= v[..., 1:] >= torch.gather(d, 1, n[..., 1:].reshape(nq, -1)).view(nq, M, Kp - 1)
         w[..., 1:] = torch.where(admit, w[..., 1:], 0.0)
