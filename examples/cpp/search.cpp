@@ -1,4 +1,4 @@
-// sgengine-search BUNDLE INDEX QUERY [-k N] [--no-rerank] [--device cpu|cuda] [--backend NAME]
+// sgengine-search BUNDLE INDEX QUERY [-k N] [--no-rerank | --adaptive] [--device cpu|cuda] [--backend NAME]
 //
 // Ranks INDEX for the image QUERY and prints the top k as "rank id score" lines (stdout); the
 // per-stage timings and any notes go to stderr.
@@ -12,7 +12,7 @@
 
 static int usage(const char* argv0) {
     std::cerr << "usage: " << argv0
-              << " BUNDLE INDEX QUERY [-k N] [--no-rerank] [--device cpu|cuda] [--backend NAME]\n";
+              << " BUNDLE INDEX QUERY [-k N] [--no-rerank | --adaptive] [--device cpu|cuda] [--backend NAME]\n";
     return 2;
 }
 
@@ -41,6 +41,8 @@ int main(int argc, char** argv) {
             k = static_cast<int>(n);  // k <= 0 is reported by the engine, as in Python
         } else if (a == "--no-rerank") {
             search.rerank = false;
+        } else if (a == "--adaptive") {
+            search.adaptive = true;  // the adaptive rerank (docs/adaptive_rerank.md)
         } else if (a == "--device") {
             options.device = value("--device");
         } else if (a == "--backend") {

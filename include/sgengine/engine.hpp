@@ -76,7 +76,9 @@ struct Options {
 
 // Rerank settings of one call; unset values take the bundle's defaults (M=400, K=9, beta=0.15).
 struct SearchOptions {
-    bool rerank = true;
+    bool rerank = true;              // false: global-only ranking
+    bool adaptive = false;           // with rerank: the adaptive mode (docs/adaptive_rerank.md), for
+                                     // collections with few matches per query; false: SPEC 6 as published
     std::optional<int> M;
     std::optional<int> K;
     std::optional<double> beta;

@@ -139,7 +139,10 @@ struct Engine::Impl {
     }
 
     Result run(py::object query, int k, const SearchOptions& o, const char* color_order = "RGB") const {
-        py::object res = engine.attr("search")(query, py::arg("k") = k, py::arg("rerank") = o.rerank,
+        // Python's rerank argument: False, True (faithful) or "adaptive".
+        py::object rerank = !o.rerank ? py::object(py::bool_(false))
+                            : o.adaptive ? py::object(py::str("adaptive")) : py::object(py::bool_(true));
+        py::object res = engine.attr("search")(query, py::arg("k") = k, py::arg("rerank") = rerank,
                                                py::arg("M") = optional_or_none(o.M),
                                                py::arg("K") = optional_or_none(o.K),
                                                py::arg("beta") = optional_or_none(o.beta),

@@ -87,9 +87,13 @@ def report(errs: list[str], ok: str) -> int:
 def check_example(exe: Path, fixture: Path, k: int, label: str = "example", want: Ranked | None = None) -> list[str]:
     query = fixture / "query.jpg"
     got = parse_rank_lines(run_cpp([exe, fixture / "bundle", fixture / "index", query, "-k", str(k)]))
-    if want is None:
-        want = python_ranked(load_engine(fixture), str(query), k)
-    return compare_ranked(got, want, label)
+    if want is not None:
+        return compare_ranked(got, want, label)
+    engine = load_engine(fixture)
+    errs = compare_ranked(got, python_ranked(engine, str(query), k), label)
+    # The example's --adaptive flag reaches the engine's adaptive mode.
+    got = parse_rank_lines(run_cpp([exe, fixture / "bundle", fixture / "index", query, "-k", str(k), "--adaptive"]))
+    return errs + compare_ranked(got, python_ranked(engine, str(query), k, rerank="adaptive"), f"{label} --adaptive")
 
 
 # ------------------------------------------------------------------------------------------ api
@@ -157,9 +161,14 @@ def check_api(exe: Path, fixture: Path, k: int, python: str) -> list[str]:
         "pixels_bgr": python_ranked(engine, np.ascontiguousarray(rgb[..., ::-1]), k, color_order="BGR"),
         "descriptor": python_ranked(engine, desc, k),
         "no_rerank": python_ranked(engine, str(query), k, rerank=False),
+        "adaptive": python_ranked(engine, str(query), k, rerank="adaptive"),
+        "no_rerank_adaptive": python_ranked(engine, str(query), k, rerank=False),
         "custom": python_ranked(engine, str(query), k, M=4, K=1, beta=0.3),
         "k_large": python_ranked(engine, desc, 100000),
     }
+    if expected["adaptive"] == expected["path"]:
+        errs.append("the fixture gives the same ranking in the adaptive and faithful modes: it cannot tell whether "
+                    "SearchOptions::adaptive reaches the engine")
     for mode, want in expected.items():
         if mode not in results:
             errs.append(f"{mode}: no C++ results")

@@ -104,6 +104,11 @@ int main(int argc, char** argv) {
         sgengine::SearchOptions plain;
         plain.rerank = false;
         print("no_rerank", engine.search(query, k, plain));
+        sgengine::SearchOptions adaptive;
+        adaptive.adaptive = true;
+        print("adaptive", engine.search(query, k, adaptive));
+        plain.adaptive = true;  // no rerank wins over the mode
+        print("no_rerank_adaptive", engine.search(query, k, plain));
         sgengine::SearchOptions custom;
         custom.M = 4;
         custom.K = 1;
