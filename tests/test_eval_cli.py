@@ -267,7 +267,7 @@ def test_end_to_end_table_is_sensible(bundle_run, mini):
     assert re.search(r"search [\d.]+ ms/query \| rerank [\d.]+ ms/query", out)
     res = json.loads((bundle_run["work"] / "res.json").read_text())
     assert res["rows"]["SuperGlobal, no reranking"]["easy"]["mAP"] == pytest.approx(100.0)
-    assert res["rerank"] == {"M": 400, "K": 9, "beta": 0.15}
+    assert res["rerank"] == {"M": 400, "K": 9, "beta": 0.15, "modes": ["faithful"]}
 
 
 def test_saved_query_descriptor_is_the_box_crop(bundle_run, bundle_dir, mini):
@@ -324,6 +324,32 @@ def test_features_file_without_model_gives_the_same_table(bundle_run, mini, caps
     assert main([NAME, "--data", str(data), "--features", str(bundle_run["work"] / "feats.npz"),
                  "--no-rerank"]) == 0
     assert list(parse_table(capsys.readouterr().out)) == ["SuperGlobal, no reranking"]
+
+
+def test_adaptive_row_is_the_adaptive_rerank(bundle_run, mini, tmp_path, capsys):
+    """--adaptive adds a row after the faithful one: the metrics of superglobal_rerank(mode="adaptive")."""
+    from sgengine.eval.metrics import compute_map_protocols
+    from sgengine.rerank import superglobal_rerank
+    data, _ = mini
+    feats = bundle_run["work"] / "feats.npz"
+    assert main([NAME, "--data", str(data), "--features", str(feats), "--adaptive", "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    rows = parse_table(out)
+    assert list(rows) == ["SuperGlobal, no reranking", "SuperGlobal + reranking", "SuperGlobal + adaptive reranking"], out
+    assert {k: rows[k] for k in list(rows)[:2]} == parse_table(bundle_run["out"])  # the other rows are unchanged
+    assert "rerank adaptive" in out
+    gnd = load_revisited(NAME, data).gnd
+    with np.load(feats) as z:
+        ids_a, _ = superglobal_rerank(z["queries"], z["database"], M=400, K=9, beta=0.15, mode="adaptive")
+        ids_f, _ = superglobal_rerank(z["queries"], z["database"], M=400, K=9, beta=0.15)
+    assert not np.array_equal(ids_a, ids_f), "the modes rank this set alike: the row would not show the flag works"
+    want = compute_map_protocols(ids_a.T, gnd)
+    got = rows["SuperGlobal + adaptive reranking"]
+    assert got["mAP"] == [round(want[p]["map"] * 100, 2) for p in ("easy", "medium", "hard")]
+    js = json.loads((tmp_path / "r.json").read_text())
+    assert js["rerank"]["modes"] == ["faithful", "adaptive"] and "SuperGlobal + adaptive reranking" in js["rows"]
+    with pytest.raises(InputError, match="--no-rerank"):
+        main([NAME, "--data", str(data), "--features", str(feats), "--adaptive", "--no-rerank"])
 
 
 def test_plus1m_distractors_are_appended(bundle_run, mini, tmp_path, capsys):

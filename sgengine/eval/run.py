@@ -203,8 +203,9 @@ def _resolve_rerank_impl(impl: str, device: str, M: int) -> str:
 
 
 def rerank_ranking(Q: np.ndarray, X: np.ndarray, ranks: np.ndarray, *, M: int, K: int, beta: float,
-                   device: str = "cpu", impl: str = "auto", query_chunk: int = 8) -> np.ndarray:
-    """SuperGlobal rerank (SPEC 6) of each column's top M' = min(M, N); rows below M' keep their order."""
+                   device: str = "cpu", impl: str = "auto", query_chunk: int = 8, mode: str = "faithful") -> np.ndarray:
+    """SuperGlobal rerank (SPEC 6; mode="adaptive": docs/adaptive_rerank.md) of each column's top
+    M' = min(M, N); rows below M' keep their order."""
     import torch
     from ..rerank import rerank_candidates
     Xb = _as_blocks(X)
@@ -219,27 +220,36 @@ def rerank_ranking(Q: np.ndarray, X: np.ndarray, ranks: np.ndarray, *, M: int, K
         t = top[s:s + query_chunk]
         Y = Xb.take(t)  # only the candidates: [c, M', D]
         q = torch.from_numpy(np.ascontiguousarray(Q[s:s + query_chunk], np.float32)).to(device)
-        order, _ = rerank_candidates(q, torch.from_numpy(Y).to(device), K=int(K), beta=float(beta), impl=impl)
+        order, _ = rerank_candidates(q, torch.from_numpy(Y).to(device), K=int(K), beta=float(beta), impl=impl,
+                                     mode=mode)
         order = np.asarray(torch.as_tensor(order).cpu().numpy(), dtype=np.int64)
         out[:m, s:s + query_chunk] = np.take_along_axis(t, order, axis=1).T
     return out
 
 
 # ----------------------------------------------------------------------------- evaluation and table
+# rerank mode -> (its row's label after "<label> + ", its timings key)
+RERANK_ROWS = {"faithful": ("reranking", "rerank"), "adaptive": ("adaptive reranking", "rerank_adaptive")}
+
+
 def evaluate(Q: np.ndarray, X: np.ndarray, gnd: Sequence[dict], *, rerank: bool = True, M: int = 400, K: int = 9,
-             beta: float = 0.15, device: str = "cpu", impl: str = "auto", label: str = "SuperGlobal") -> dict:
-    """Rows {label: protocol results} and timings {stage: seconds}."""
+             beta: float = 0.15, device: str = "cpu", impl: str = "auto", label: str = "SuperGlobal",
+             modes: Sequence[str] = ("faithful",)) -> dict:
+    """Rows {label: protocol results} and timings {stage: seconds}: global-only, then one reranked row
+    per rerank mode ("faithful": SPEC 6, "adaptive": docs/adaptive_rerank.md)."""
     rows: dict[str, dict] = {}
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     ranks = full_ranking(Q, X, device=device)
     timings["search"] = time.perf_counter() - t0
     rows[f"{label}, no reranking"] = compute_map_protocols(ranks, gnd, KAPPAS)
-    if rerank:
+    for mode in modes if rerank else ():
+        if mode not in RERANK_ROWS:
+            raise InputError(f"rerank mode must be one of {sorted(RERANK_ROWS)}, got {mode!r}")
         t0 = time.perf_counter()
-        rranks = rerank_ranking(Q, X, ranks, M=M, K=K, beta=beta, device=device, impl=impl)
-        timings["rerank"] = time.perf_counter() - t0
-        rows[f"{label} + reranking"] = compute_map_protocols(rranks, gnd, KAPPAS)
+        rranks = rerank_ranking(Q, X, ranks, M=M, K=K, beta=beta, device=device, impl=impl, mode=mode)
+        timings[RERANK_ROWS[mode][1]] = time.perf_counter() - t0
+        rows[f"{label} + {RERANK_ROWS[mode][0]}"] = compute_map_protocols(rranks, gnd, KAPPAS)
     return {"rows": rows, "timings": timings}
 
 
@@ -281,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(.npy [N, D], .npz, torch tensor file, or an sgengine index directory)")
     p.add_argument("--plus1m-list", metavar="FILE", help="revisitop1m.txt (one name per line) to check the count")
     p.add_argument("--no-rerank", action="store_true", help="global retrieval only")
+    p.add_argument("--adaptive", action="store_true", help="also a row for the adaptive rerank (docs/adaptive_rerank.md), "
+                   "after the faithful one")
     p.add_argument("--M", type=int, default=None, help="candidates reranked (default: bundle's, else 400)")
     p.add_argument("--K", type=int, default=None, help="neighbours per refined descriptor (default 9)")
     p.add_argument("--beta", type=float, default=None, help="neighbour weight (default 0.15)")
@@ -329,6 +341,8 @@ def _load_feature_file(path: str, ds: RevisitedDataset) -> tuple[np.ndarray, np.
 def main(argv: list[str] | None = None) -> int:
     """Run `sgengine eval`; returns 0. Errors about inputs raise SgengineError (the CLI prints them)."""
     a = build_parser().parse_args(argv)
+    if a.adaptive and a.no_rerank:
+        raise InputError("--adaptive adds a reranked row and --no-rerank asks for none: give one of them")
     ds = load_revisited(a.dataset, a.data)
     bundle = None
     info = {}
@@ -390,8 +404,9 @@ def main(argv: list[str] | None = None) -> int:
         info["plus1m"] = f"+{D1m.shape[0]} distractors from {a.plus1m} (loaded in {time.perf_counter() - t0:.1f} s)"
         label = "SuperGlobal +1M"
 
+    modes = ("faithful", "adaptive") if a.adaptive else ("faithful",)
     res = evaluate(Q, X, ds.gnd, rerank=not a.no_rerank, M=M, K=K, beta=beta, device=a.device, impl=a.rerank_impl,
-                   label=label)
+                   label=label, modes=modes)
     nq = Q.shape[0]
     title = (f"{ds.name}: {nq} queries, {n_db} database images"
              + (f" + {X.shape[0] - n_db} distractors" if X.shape[0] > n_db else "")
@@ -407,16 +422,18 @@ def main(argv: list[str] | None = None) -> int:
         parts.append(f"extract {stats['seconds']:.1f} s ({stats['extracted']} extracted, {stats['cached']} of "
                      f"{n_all} from cache{rate})")
     parts.append(f"search {t['search'] * 1e3 / max(nq, 1):.2f} ms/query")
-    if "rerank" in t:
-        parts.append(f"rerank {t['rerank'] * 1e3 / max(nq, 1):.2f} ms/query "
-                     f"(impl {_resolve_rerank_impl(a.rerank_impl, a.device, min(M, len(X)))} on {a.device})")
+    for mode, (_, key) in RERANK_ROWS.items():
+        if key in t:
+            parts.append(f"{key.replace('_', ' ')} {t[key] * 1e3 / max(nq, 1):.2f} ms/query "
+                         f"(impl {_resolve_rerank_impl(a.rerank_impl, a.device, min(M, len(X)))} on {a.device})")
     # One pass, no warm-up: first-call overheads are included (bench/ has the warmed medians).
     print("timings (one pass, wall clock): " + " | ".join(parts))
     if "plus1m" in info:
         print(info["plus1m"])
     if a.json:
         out = {"dataset": ds.name, "queries": nq, "database": n_db, "distractors": int(X.shape[0] - n_db),
-               "bundle_fingerprint": fingerprint, "rerank": None if a.no_rerank else {"M": M, "K": K, "beta": beta},
+               "bundle_fingerprint": fingerprint, "rerank": None if a.no_rerank else {"M": M, "K": K, "beta": beta,
+                                                                    "modes": list(modes)},
                "rows": {lab: {p: {"mAP": r[p]["map"] * 100, **{f"mP@{k}": float(r[p]["mpk"][i]) * 100
                                                                for i, k in enumerate(KAPPAS)}}
                               for p in PROTOCOLS} for lab, r in res["rows"].items()},
