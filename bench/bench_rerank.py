@@ -16,6 +16,10 @@ Providers:
   "cpu_bf16" (the certified bfloat16 selection, at every M; CPU with AVX512_BF16 only; "auto"
   takes it from M' >= CERT_MIN_M) and "triton" (the GPU kernel, CUDA only).
 - "gram_matmul": the floor, one M x M x D float32 product per query (batched bmm); no implementation.
+The adaptive mode (docs/adaptive_rerank.md) has its own groups, `test_rerank_adaptive_cpu_device`
+(M = 400): the chain, the reference and the fast paths all in the adaptive mode, ratios against the
+adaptive chain, and the fast paths in the faithful mode beside them ("cpu_bf16 faithful"), so the
+mode's cost is one run's side-by-side ratio.
 Any call estimated over CALL_BUDGET_S (the chain mostly; everything at nq=70, M=1600) runs the
 same way on a subset of queries and is scaled.
 """
@@ -73,20 +77,21 @@ def _est_seconds(impl: str, nq: int, M: int, device: str) -> float:
     return per * gflop / rate + (2e-3 * nq if impl == "chain" else 0.0)
 
 
-def _impl_fn(impl: str):
+def _impl_fn(impl: str, adaptive: bool = False):
     """The provider `impl`: the chain, the Gram floor, or sgengine.rerank.IMPLS[impl] (the kernel
-    itself: the input checks of rerank_candidates are not timed)."""
+    itself: the input checks of rerank_candidates are not timed), in the adaptive mode or not."""
     if impl == "chain":
-        return lambda q, Y: rerank_loop_chain(q, Y, K, BETA, dtype=torch.float64)
+        return lambda q, Y: rerank_loop_chain(q, Y, K, BETA, dtype=torch.float64, adaptive=adaptive)
     if impl == "gram_matmul":
         return lambda q, Y: torch.bmm(Y, Y.transpose(1, 2))
     fn = IMPLS[impl]
-    return lambda q, Y: fn(q, Y, K, BETA)
+    return lambda q, Y: fn(q, Y, K, BETA, adaptive)
 
 
-def _run(benchmark, impl: str, nq: int, M: int, device: str) -> None:
+def _run(benchmark, impl: str, nq: int, M: int, device: str, mode: str | None = None) -> None:
+    """mode None: the faithful groups; "faithful" / "adaptive": the adaptive groups' providers."""
     q, Y = _candidates(nq, M, device)
-    fn = _impl_fn(impl)
+    fn = _impl_fn(impl, adaptive=mode == "adaptive")
     est = _est_seconds(impl, nq, M, device)
     n_run = nq
     if est > CALL_BUDGET_S:  # per-query work is independent: a subset, scaled, is the batch's time
@@ -101,9 +106,11 @@ def _run(benchmark, impl: str, nq: int, M: int, device: str) -> None:
 
     est_run = est * n_run / nq
     rounds = max(3, min(20, int(3.0 / max(est_run, 1e-4))))  # >= 3: one round is one sample, not a median
-    benchmark.group = f"rerank {device} nq={nq} M={M} K={K} D={D} N={N}"
+    label = "rerank" if mode is None else "rerank adaptive"
+    name = impl if mode in (None, "adaptive") else f"{impl} {mode}"
+    benchmark.group = f"{label} {device} nq={nq} M={M} K={K} D={D} N={N}"
     benchmark.extra_info.update({
-        "op": "rerank", "shape": f"{device} nq={nq} M={M} K={K} D={D}", "impl": impl,
+        "op": "rerank", "shape": ("" if mode is None else "adaptive ") + f"{device} nq={nq} M={M} K={K} D={D}", "impl": name,
         "flops": 2 * nq * M * M * D, "scale": n_run / nq, "queries_run": n_run,
         "threads": torch.get_num_threads(),
     })
@@ -119,6 +126,18 @@ def test_rerank_cpu_device(benchmark, nq, M, impl):
         if not certified_available():  # cpu_bf16 would run cpu_fp32: not a cpu_bf16 number
             pytest.skip(f"the certified path does not run here: {certified_info()['error']}")
     _run(benchmark, impl, nq, M, "cpu")
+
+
+@pytest.mark.parametrize("provider", ["chain", "reference", "cpu_fp32", "cpu_bf16", "cpu_fp32 faithful",
+                                      "cpu_bf16 faithful"])
+@pytest.mark.parametrize("nq", NQS)
+def test_rerank_adaptive_cpu_device(benchmark, nq, provider):
+    impl, _, mode = provider.partition(" ")
+    if impl == "cpu_bf16":
+        from sgengine.kernels.rerank_cpu import certified_available, certified_info
+        if not certified_available():
+            pytest.skip(f"the certified path does not run here: {certified_info()['error']}")
+    _run(benchmark, impl, nq, 400, "cpu", mode=mode or "adaptive")
 
 
 def _triton_ok() -> bool:
