@@ -15,6 +15,8 @@ impls:
   on CUDA): one launch instead of ~8, which is what batch 1 is bound by;
 - triton_tgram: same, with the symmetric Triton Gram kernel (IEEE fp32);
 - triton_tf32 / triton_fp16 / triton_bf16: opt-in Gram precisions;
+- triton_adaptive / chain_adaptive: the adaptive mode (docs/adaptive_rerank.md) of the fp32 Triton
+  path and of the chain, beside the faithful ones: the mode's cost on the GPU;
 - gram_bmm: the floor, one batched float32 (IEEE) bmm of the same Gram shapes.
 Skipped without CUDA. About a minute on one H100-class GPU.
 """
@@ -28,7 +30,7 @@ import torch
 SHAPES = [(1, 100), (1, 400), (1, 1600), (70, 100), (70, 400), (70, 1600)]
 N, D, K, BETA = 5000, 2048, 9, 0.15
 IMPLS = ["chain", "reference", "triton", "triton_graph", "triton_tgram", "triton_tf32", "triton_fp16", "triton_bf16",
-         "gram_bmm"]
+         "triton_adaptive", "chain_adaptive", "gram_bmm"]
 # Per benchmark: enough rounds for a stable median, about 0.4 s of timed work.
 TARGET_S, MIN_ROUNDS, MAX_ROUNDS = 0.4, 5, 200
 
@@ -74,6 +76,10 @@ def _impl(name: str):
     }
     if name == "chain":
         return lambda q, Y: rerank_loop_chain(q, Y, K, BETA, dtype=torch.float32)
+    if name == "chain_adaptive":
+        return lambda q, Y: rerank_loop_chain(q, Y, K, BETA, dtype=torch.float32, adaptive=True)
+    if name == "triton_adaptive":
+        return lambda q, Y: rerank_triton(q, Y, K, BETA, "fp32", adaptive=True)
     if name == "reference":
         return lambda q, Y: rerank_reference(q, Y, K, BETA)
     if name == "gram_bmm":

@@ -60,7 +60,7 @@ for section in "${sections[@]}"; do
       tests/test_gem_kernels.py tests/test_rerank_triton.py tests/test_search.py \
       -k "(cuda or gpu) and not interpreter_suite" 2>&1 | tail -25
     echo "GPU kernel tests took $((SECONDS - t0)) s"
-    bench rerank_gpu 90 bench/bench_rerank_gpu.py "cuda and M400"
+    bench rerank_gpu 110 bench/bench_rerank_gpu.py "cuda and M400"
     bench rerank_gpu_m1600 45 bench/bench_rerank_gpu.py "cuda and M1600 and nq70 and not chain and not reference"
     ;;
   serving)
